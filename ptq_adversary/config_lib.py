@@ -1,0 +1,267 @@
+"""Config helpers: `arg` parsing for config files and start-up validation.
+
+Config files (``configs/*.py``) are trusted Python, loaded by ``ml_collections.config_flags``;
+each defines ``get_config(arg=None)`` and uses :func:`parse_arg` to read its comma-separated
+``key=value`` argument (``--config=configs/x.py:smoke,budget=4``).
+
+:func:`validate` checks a config once, before anything is written to the workdir, and raises
+:class:`ConfigError` whose message names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "parse_arg",
+    "validate",
+    "to_dict",
+    "compare_with_saved",
+    "SHAPE_FIELDS",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. ``str(err)`` is a one-line message naming the field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config.{field}: {message}")
+
+
+# ---------------------------------------------------------------------------------- parse_arg
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a config-file argument such as ``"smoke,budget=4,mode=robust"``.
+
+    Each key must appear in ``defaults``; its value is converted to the default's type
+    (``bool`` accepts ``true/false/1/0``; a bare key sets a bool to True). Unknown keys raise
+    :class:`ConfigError` listing the known ones.
+
+    Args:
+      arg: the text after ``:`` in ``--config=file.py:arg`` (``None`` or ``""`` for none).
+      **defaults: the accepted keys and their default values.
+
+    Returns:
+      A ConfigDict with every key of ``defaults``.
+    """
+    values = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"arg.{key}", f"unknown config arg; known args: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ConfigError(f"arg.{key}", "needs a value, e.g. key=value")
+            values[key] = True
+            continue
+        values[key] = _convert(key, text.strip(), default)
+    return ml_collections.ConfigDict(values)
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"arg.{key}", f"expected true/false, got {text!r}")
+    if isinstance(default, int | float):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ConfigError(
+                f"arg.{key}", f"expected {type(default).__name__}, got {text!r}"
+            ) from None
+    if isinstance(default, str) or default is None:
+        return text
+    try:  # tuples, lists
+        return type(default)(ast.literal_eval(text))
+    except (ValueError, SyntaxError, TypeError):
+        raise ConfigError(f"arg.{key}", f"cannot parse {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------- validation
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    field: str
+    check: Callable[[Any], str | None]  # returns an error message or None
+    optional: bool = False  # None is allowed
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    node: Any = config
+    for part in field.split("."):
+        if not isinstance(node, Mapping | ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(field, "is missing")
+        node = node[part]
+    return node
+
+
+def _positive(kind: type) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok_type = isinstance(v, kind) and not isinstance(v, bool)
+        if kind is float:
+            ok_type = isinstance(v, int | float) and not isinstance(v, bool)
+        if not ok_type:
+            return f"must be a {kind.__name__} > 0, got {v!r}"
+        return None if v > 0 else f"must be > 0, got {v!r}"
+
+    return check
+
+
+def _non_negative(v: Any) -> str | None:
+    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+        return f"must be a number >= 0, got {v!r}"
+    return None
+
+
+def _one_of(allowed: Collection[Any]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"must be one of {sorted(allowed)}, got {v!r}"
+
+    return check
+
+
+def _bits(v: Any) -> str | None:
+    from ptq_adversary.quant import MAX_BITS, MIN_BITS
+
+    if not isinstance(v, int) or isinstance(v, bool) or not MIN_BITS <= v <= MAX_BITS:
+        return f"must be an int in [{MIN_BITS}, {MAX_BITS}] or None, got {v!r}"
+    return None
+
+
+def _bit_list(v: Any) -> str | None:
+    if not isinstance(v, list | tuple):
+        return f"must be a list of ints, got {v!r}"
+    for b in v:
+        if (err := _bits(b)) is not None:
+            return f"entries {err.removesuffix(' or None, got ' + repr(b))}, got {b!r}"
+    return None
+
+
+def _fraction(v: Any) -> str | None:
+    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
+        return f"must be in [0, 1), got {v!r}"
+    return None
+
+
+def _supervised_rules() -> list[_Rule]:
+    from ptq_adversary import data, models
+
+    return [
+        _Rule("seed", lambda v: None if isinstance(v, int) else f"must be an int, got {v!r}"),
+        _Rule("data.name", _one_of(data.DATASETS)),
+        _Rule("data.val_size", _positive(int)),
+        _Rule("data.train_limit", _positive(int), optional=True),
+        _Rule("data.test_limit", _positive(int), optional=True),
+        _Rule("model.name", _one_of(models.MODELS)),
+        _Rule("model.weight_bits", _bits, optional=True),
+        _Rule("optim.optimizer", _one_of(("adamw", "sgd"))),
+        _Rule("optim.learning_rate", _positive(float)),
+        _Rule("optim.weight_decay", _non_negative),
+        _Rule("optim.momentum", _fraction),
+        _Rule("optim.warmup_fraction", _fraction),
+        _Rule("optim.label_smoothing", _fraction),
+        _Rule("optim.batch_size", _positive(int)),
+        _Rule("optim.num_epochs", _positive(float)),
+        _Rule("optim.num_steps", _positive(int), optional=True),
+        _Rule("optim.grad_clip_norm", _positive(float), optional=True),
+        _Rule("eval.batch_size", _positive(int)),
+        _Rule("eval.every_steps", _positive(int)),
+        _Rule("eval.uniform_bits", _bit_list),
+        _Rule("log.every_steps", _positive(int)),
+        _Rule("ckpt.every_steps", _positive(int)),
+        _Rule("ckpt.max_to_keep", _positive(int)),
+    ]
+
+
+_RULES: dict[str, Callable[[], list[_Rule]]] = {"supervised": _supervised_rules}
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None:
+    """Checks every field the trainer reads; raises :class:`ConfigError` on the first bad one.
+
+    Args:
+      config: the full experiment config.
+      num_devices: devices the batch is sharded over; batch sizes must divide by it.
+    """
+    trainer = _get(config, "trainer")
+    if trainer not in _RULES:
+        raise ConfigError("trainer", f"must be one of {sorted(_RULES)}, got {trainer!r}")
+    for rule in _RULES[trainer]():
+        value = _get(config, rule.field)
+        if value is None and rule.optional:
+            continue
+        if (err := rule.check(value)) is not None:
+            raise ConfigError(rule.field, err)
+    for field in ("optim.batch_size", "eval.batch_size"):
+        if _get(config, field) % num_devices:
+            raise ConfigError(
+                field,
+                f"must be divisible by the number of devices ({num_devices}), "
+                f"got {_get(config, field)}",
+            )
+    _validate_model_kwargs(config)
+
+
+def _validate_model_kwargs(config: ml_collections.ConfigDict) -> None:
+    import inspect
+
+    from ptq_adversary import models
+
+    ctor = models.MODELS[config.model.name]
+    params = inspect.signature(ctor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for key in to_dict(config.model.get("kwargs", {})):
+        if key not in params:
+            allowed = [k for k in params if k not in ("num_classes", "in_channels", "rngs")]
+            raise ConfigError(
+                f"model.kwargs.{key}",
+                f"is not an argument of model {config.model.name!r}; allowed: {allowed}",
+            )
+
+
+# ---------------------------------------------------------------------------------- saved configs
+def to_dict(config: Any) -> Any:
+    """A JSON-ready plain-dict copy of a ConfigDict (tuples become lists)."""
+    if isinstance(config, ml_collections.ConfigDict | ml_collections.FrozenConfigDict):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=list))
+
+
+#: Fields that fix the shapes of what a workdir's checkpoints hold. A workdir started with one
+#: value cannot be resumed with another.
+SHAPE_FIELDS = ("trainer", "data.name", "model.name", "model.kwargs", "optim.optimizer")
+
+
+def compare_with_saved(config: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
+    """Raises :class:`ConfigError` if ``config`` differs from a workdir's saved config in a field
+    that fixes checkpoint shapes (:data:`SHAPE_FIELDS`)."""
+    current = to_dict(config)
+    for field in SHAPE_FIELDS:
+        a, b = _lookup(current, field), _lookup(saved, field)
+        if a != b:
+            raise ConfigError(
+                field,
+                f"is {a!r} but the workdir holds a run with {b!r}; "
+                "use a new --workdir or the original config",
+            )
+
+
+def _lookup(tree: Mapping[str, Any], field: str) -> Any:
+    node: Any = tree
+    for part in field.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node

@@ -1,0 +1,75 @@
+r"""Command-line entry point: parse flags, validate the config, dispatch to a trainer.
+
+  python -m ptq_adversary.main --config=configs/fmnist_cnn.py[:arg] --workdir=DIR \
+      [--config.optim.learning_rate=1e-3] [--verbose]
+
+Config errors and unavailable data stop the run with a one-line message and exit status 2
+(no traceback unless ``--verbose``); a config error leaves the workdir untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ptq_adversary import config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally with ':arg'.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks and debug logging.")
+
+
+def _trainers() -> dict[str, Callable[[Any, str], Any]]:
+    # Imported lazily so that `--help` and config errors do not pay for JAX start-up.
+    from ptq_adversary.trainers import supervised
+
+    return {"supervised": supervised.train_and_evaluate}
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {list(argv[1:])}; use --config and --workdir")
+    logging.basicConfig(
+        level=logging.DEBUG if _VERBOSE.value else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("absl", "jax", "orbax", "etils", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if _WORKDIR.value is None:
+        _fail("--workdir is required")
+
+    import jax
+
+    from ptq_adversary import data
+
+    try:
+        config = _CONFIG.value
+        config_lib.validate(config, num_devices=jax.device_count())
+        trainer = _trainers()[config.trainer]
+        trainer(config, os.path.abspath(_WORKDIR.value))
+    except (config_lib.ConfigError, data.DatasetUnavailableError) as err:
+        if _VERBOSE.value:
+            raise
+        _fail(str(err).splitlines()[0] if isinstance(err, config_lib.ConfigError) else str(err))
+
+
+def run() -> None:
+    flags.mark_flag_as_required("config")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
