@@ -27,18 +27,16 @@ class Checkpointer:
     Args:
       directory: where step directories go (made absolute; orbax requires it).
       max_to_keep: how many of the latest checkpoints to keep.
-      save_interval_steps: :meth:`save` writes only at multiples of this (``force`` overrides).
+
+    The caller decides when to save (every N steps, on SIGTERM, at the end).
     """
 
-    def __init__(
-        self, directory: str | os.PathLike, *, max_to_keep: int = 2, save_interval_steps: int = 1
-    ):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.fspath(directory))
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
-                save_interval_steps=save_interval_steps,
                 create=True,
             ),
         )
@@ -47,14 +45,12 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(
-        self, step: int, state: Any, meta: Mapping[str, Any] | None = None, *, force: bool = False
-    ) -> bool:
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> bool:
         """Saves ``state`` (an array pytree) and ``meta`` (JSON) at ``step``, asynchronously.
 
         Returns:
-          Whether a save was started (False between intervals unless ``force``, and False when
-          ``step`` is already saved, so a final forced save after a periodic one is harmless).
+          Whether a save was started: False when ``step`` is already saved, so a final save
+          after a periodic one at the same step is harmless.
         """
         if step in self._manager.all_steps():
             return False
@@ -64,7 +60,7 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 meta=ocp.args.JsonSave(dict(meta or {})),
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:

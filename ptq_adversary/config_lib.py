@@ -31,9 +31,10 @@ __all__ = [
 class ConfigError(ValueError):
     """A config value is invalid. ``str(err)`` is a one-line message naming the field."""
 
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"config.{field}: {message}")
+    def __init__(self, field: str, message: str | None = None):
+        # One-argument form: a full message (how absl and copy re-create exceptions).
+        self.field = field if message is not None else None
+        super().__init__(f"config.{field}: {message}" if message is not None else field)
 
 
 # ---------------------------------------------------------------------------------- parse_arg

@@ -57,6 +57,9 @@ def main(argv: Sequence[str]) -> None:
 
     try:
         config = _CONFIG.value
+        # config_flags defers a file that failed to load to an error object; report it here.
+        if (load_error := getattr(config, "_error", None)) is not None:
+            _fail(_one_line(load_error))
         config_lib.validate(config, num_devices=jax.device_count())
         trainer = _trainers()[config.trainer]
         trainer(config, os.path.abspath(_WORKDIR.value))
@@ -66,9 +69,35 @@ def main(argv: Sequence[str]) -> None:
         _fail(str(err).splitlines()[0] if isinstance(err, config_lib.ConfigError) else str(err))
 
 
+def _one_line(err: BaseException) -> str:
+    """The informative line of an error: a config file's traceback is cut to its last line."""
+    text = str(err).replace("\\n", "\n").replace("\\'", "'")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # KeyError's repr quotes
+        text = text[1:-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        prefix = lines[0].split(":")[0]  # "flag --config=..."
+        last = lines[-1]
+        if ": " in last and "." in last.split(": ", 1)[0]:  # "pkg.mod.ErrorType: message"
+            last = last.split(": ", 1)[1]
+        return f"{prefix}: {last}"
+    return " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with bad flags and config overrides reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        if "--verbose" in argv:
+            raise
+        _fail(f"{_one_line(err)} (see --helpshort)")
+        raise  # unreachable: _fail exits
+
+
 def run() -> None:
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

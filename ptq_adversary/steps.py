@@ -93,7 +93,7 @@ def make_supervised_train_step(
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state

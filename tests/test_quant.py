@@ -7,7 +7,6 @@ import pytest
 
 from ptq_adversary import quant
 
-
 fq_act = jax.jit(quant.fake_quant_activation)
 fq_w = jax.jit(quant.fake_quant_weight, static_argnames="channel_axis")
 

@@ -157,6 +157,19 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     metrics.write_json_atomic(path, config_lib.to_dict(config))
 
 
+def _window_meta(step: int, sums: dict[str, jax.Array] | None, count: int) -> dict[str, Any]:
+    return {"step": step, "window_count": count,
+            "window_sums": metrics.to_host(sums) if sums else {}}  # fmt: skip
+
+
+def _window_from_meta(meta: dict[str, Any]) -> tuple[dict[str, jax.Array] | None, int]:
+    count = int(meta.get("window_count", 0))
+    if not count:
+        return None, 0
+    sums = {k: jnp.asarray(v, jnp.float32) for k, v in meta["window_sums"].items()}
+    return sums, count
+
+
 # ------------------------------------------------------------------------------------ trainer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.data`` with labels, evaluates, writes results.json.
@@ -205,12 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         max_to_keep=config.ckpt.max_to_keep,
-        save_interval_steps=config.ckpt.every_steps,
     )
-    start_step = 0
+    start_step, sums, count = 0, None, 0
     if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(state)
+        state, meta = ckpt.restore(state)
         start_step = int(state.step)
+        # The partial logging window travels in the checkpoint, so a resumed run logs the
+        # same averages as an uninterrupted one.
+        sums, count = _window_from_meta(meta)
         log.info("Resumed from %s at step %d", ckpt.directory, start_step)
     writer = metrics.MetricWriter(
         workdir, resume_step=start_step if start_step else None, tensorboard=config.log.tensorboard
@@ -238,7 +253,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         total_steps, spe, start_step,
     )  # fmt: skip
     t0 = time.perf_counter()
-    sums, count = None, 0
     bar = metrics.progress_bar(
         total_steps, initial=start_step, desc=f"train {config.model.name}",
         disable=not config.log.progress,
@@ -264,9 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     sums, count = None, 0
                 if done % config.eval.every_steps == 0 and done < total_steps:
                     writer.write(done, run_eval(dataset.val), split="val")
-                ckpt.save(done, state, {"step": done})
+                if done % config.ckpt.every_steps == 0 or preemption.requested:
+                    ckpt.save(done, state, _window_meta(done, sums, count))
                 if preemption.requested:
-                    ckpt.save(done, state, {"step": done}, force=True)
                     ckpt.wait()
                     raise SystemExit(
                         f"SIGTERM: saved a checkpoint at step {done}; rerun the same command "
@@ -274,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     )
         bar.close()
         train_time = time.perf_counter() - t0
-        ckpt.save(total_steps, state, {"step": total_steps}, force=True)
+        ckpt.save(total_steps, state, _window_meta(total_steps, None, 0))
 
         val = run_eval(dataset.val)
         test = run_eval(dataset.test)

@@ -1,0 +1,98 @@
+"""Config files load, validate, and bad values are rejected with a message naming the field."""
+
+import ml_collections
+import pytest
+from conftest import CONFIG_FILES, REPO, load_config
+
+from ptq_adversary import config_lib
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_every_config_loads_and_validates(path, arg):
+    config = load_config(path, arg)
+    config_lib.validate(config)
+    assert config.trainer
+    doc = path.read_text()
+    assert "python -m ptq_adversary.main --config=configs/" in doc  # the exact command
+
+
+def test_config_files_exist():
+    names = {p.stem for p in CONFIG_FILES}
+    assert {"fmnist_cnn", "cifar10_resnet18"} <= names
+
+
+def _smoke():
+    return load_config(REPO / "configs" / "fmnist_cnn.py", "smoke")
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("model.name", "resnet99", r"config\.model\.name: must be one of \[.*'cnn'"),
+        ("data.name", "imagenet", r"config\.data\.name: must be one of .*'fashion_mnist'"),
+        ("optim.learning_rate", -1.0, r"config\.optim\.learning_rate: must be > 0"),
+        ("optim.learning_rate", 0.0, r"config\.optim\.learning_rate: must be > 0"),
+        ("optim.batch_size", 0, r"config\.optim\.batch_size: must be > 0"),
+        ("optim.optimizer", "lion", r"config\.optim\.optimizer: must be one of"),
+        ("optim.num_steps", -5, r"config\.optim\.num_steps: must be > 0"),
+        ("model.weight_bits", 1, r"config\.model\.weight_bits: must be an int in \[2, 16\]"),
+        ("model.weight_bits", 17, r"config\.model\.weight_bits"),
+        ("eval.uniform_bits", (8, 40), r"config\.eval\.uniform_bits: entries must be an int"),
+        ("optim.warmup_fraction", 1.5, r"config\.optim\.warmup_fraction: must be in \[0, 1\)"),
+        ("data.val_size", 0, r"config\.data\.val_size: must be > 0"),
+        ("trainer", "magic", r"config\.trainer: must be one of"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(field, value, match):
+    config = _smoke()
+    with config.unlocked():
+        *parents, leaf = field.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=match) as err:
+        config_lib.validate(config)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_model_kwarg_is_rejected():
+    config = _smoke()
+    config.model.kwargs.depth = 3
+    with pytest.raises(config_lib.ConfigError, match=r"model\.kwargs\.depth: is not an argument"):
+        config_lib.validate(config)
+
+
+def test_batch_size_must_divide_by_devices():
+    config = _smoke()
+    config.optim.batch_size = 30
+    with pytest.raises(config_lib.ConfigError, match="divisible by the number of devices"):
+        config_lib.validate(config, num_devices=4)
+
+
+def test_parse_arg_types_and_errors():
+    arg = config_lib.parse_arg("smoke,epochs=2.5,model=cnn", smoke=False, epochs=1.0, model="x")
+    assert arg.smoke is True and arg.epochs == 2.5 and arg.model == "cnn"
+    assert config_lib.parse_arg(None, smoke=False).smoke is False
+    with pytest.raises(config_lib.ConfigError, match=r"arg\.budgt: unknown config arg"):
+        config_lib.parse_arg("budgt=4", budget=4)
+    with pytest.raises(config_lib.ConfigError, match=r"arg\.budget: expected int"):
+        config_lib.parse_arg("budget=four", budget=4)
+
+
+def test_compare_with_saved_rejects_a_different_model():
+    config = _smoke()
+    saved = config_lib.to_dict(config)
+    config_lib.compare_with_saved(config, saved)  # same config: fine
+    saved["model"]["name"] = "cnn"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.name: is 'teacher_cnn' but"):
+        config_lib.compare_with_saved(config, saved)
+
+
+def test_locked_config_rejects_misspelt_fields():
+    config = _smoke()
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.optim.learnig_rate = 1.0
+    assert isinstance(config, ml_collections.ConfigDict)

@@ -1,0 +1,50 @@
+"""The command line: bad input exits non-zero with one line naming the field, writing nothing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, requires_fashion_mnist
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ, TQDM_DISABLE="1", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "ptq_adversary.main", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.optim.learning_rate=-1", "error: config.optim.learning_rate: must be > 0"),
+        ("--config.model.name=resnet99", "error: config.model.name: must be one of"),
+        ("--config.model.weight_bits=1", "error: config.model.weight_bits: must be an int in"),
+    ],
+)
+def test_bad_config_value_one_line_error_and_untouched_workdir(tmp_path, override, expected):
+    workdir = tmp_path / "run"
+    proc = _run("--config=configs/fmnist_cnn.py:smoke", f"--workdir={workdir}", override)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()
+
+
+def test_bad_config_arg_and_misspelt_field(tmp_path):
+    proc = _run("--config=configs/fmnist_cnn.py:smok", f"--workdir={tmp_path / 'a'}")
+    assert proc.returncode != 0 and "arg.smok: unknown config arg" in proc.stderr
+    proc = _run("--config=configs/fmnist_cnn.py:smoke", f"--workdir={tmp_path / 'b'}",
+                "--config.optim.learnig_rate=0.1")  # fmt: skip
+    assert proc.returncode != 0 and "learnig_rate" in proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@requires_fashion_mnist
+def test_smoke_run_from_the_command_line(tmp_path):
+    proc = _run("--config=configs/fmnist_cnn.py:smoke", f"--workdir={tmp_path}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results.json").exists()
