@@ -155,8 +155,8 @@ def _fraction(v: Any) -> str | None:
     return None
 
 
-def _supervised_rules() -> list[_Rule]:
-    from ptq_adversary import data, models
+def _common_rules() -> list[_Rule]:
+    from ptq_adversary import data
 
     return [
         _Rule("seed", lambda v: None if isinstance(v, int) else f"must be an int, got {v!r}"),
@@ -164,28 +164,134 @@ def _supervised_rules() -> list[_Rule]:
         _Rule("data.val_size", _positive(int)),
         _Rule("data.train_limit", _positive(int), optional=True),
         _Rule("data.test_limit", _positive(int), optional=True),
-        _Rule("model.name", _one_of(models.MODELS)),
-        _Rule("model.weight_bits", _bits, optional=True),
-        _Rule("optim.optimizer", _one_of(("adamw", "sgd"))),
-        _Rule("optim.learning_rate", _positive(float)),
-        _Rule("optim.weight_decay", _non_negative),
-        _Rule("optim.momentum", _fraction),
-        _Rule("optim.warmup_fraction", _fraction),
-        _Rule("optim.label_smoothing", _fraction),
-        _Rule("optim.batch_size", _positive(int)),
-        _Rule("optim.num_epochs", _positive(float)),
-        _Rule("optim.num_steps", _positive(int), optional=True),
-        _Rule("optim.grad_clip_norm", _positive(float), optional=True),
         _Rule("eval.batch_size", _positive(int)),
         _Rule("eval.every_steps", _positive(int)),
-        _Rule("eval.uniform_bits", _bit_list),
         _Rule("log.every_steps", _positive(int)),
         _Rule("ckpt.every_steps", _positive(int)),
         _Rule("ckpt.max_to_keep", _positive(int)),
     ]
 
 
-_RULES: dict[str, Callable[[], list[_Rule]]] = {"supervised": _supervised_rules}
+def _optim_rules() -> list[_Rule]:
+    return [
+        _Rule("optim.optimizer", _one_of(("adamw", "sgd"))),
+        _Rule("optim.learning_rate", _positive(float)),
+        _Rule("optim.weight_decay", _non_negative),
+        _Rule("optim.momentum", _fraction),
+        _Rule("optim.warmup_fraction", _fraction),
+        _Rule("optim.batch_size", _positive(int)),
+        _Rule("optim.num_epochs", _positive(float)),
+        _Rule("optim.num_steps", _positive(int), optional=True),
+        _Rule("optim.grad_clip_norm", _positive(float), optional=True),
+    ]
+
+
+def _model_rules() -> list[_Rule]:
+    from ptq_adversary import models
+
+    return [
+        _Rule("model.name", _one_of(models.MODELS)),
+        _Rule("model.weight_bits", _bits, optional=True),
+    ]
+
+
+def _supervised_rules() -> list[_Rule]:
+    return [
+        *_common_rules(),
+        *_model_rules(),
+        *_optim_rules(),
+        _Rule("optim.label_smoothing", _fraction),
+        _Rule("eval.uniform_bits", _bit_list),
+    ]
+
+
+def _is_str(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else f"must be a non-empty string, got {v!r}"
+
+
+def _is_false(v: Any) -> str | None:
+    return (
+        None
+        if v is False
+        else (f"must be False (teacher logits are cached on un-augmented images), got {v!r}")
+    )
+
+
+def _distill_rules() -> list[_Rule]:
+    return [
+        *_supervised_rules(),
+        _Rule("kd.temperature", _positive(float)),
+        _Rule("kd.label_weight", _non_negative),
+        _Rule("teacher.model_dir", _is_str),
+        _Rule("data.augment", _is_false),
+    ]
+
+
+def _choices(v: Any) -> str | None:
+    if (err := _bit_list(v)) is not None:
+        return err
+    if not v or list(v) != sorted(set(v)):
+        return f"must be a non-empty, sorted list of unique bit-widths, got {list(v)!r}"
+    return None
+
+
+def _widths(v: Any) -> str | None:
+    if not isinstance(v, list | tuple) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in v
+    ):
+        return f"must be a list of positive ints, got {v!r}"
+    return None
+
+
+def _policy_aware_rules() -> list[_Rule]:
+    from ptq_adversary import steps
+
+    def at_least_2(v: Any) -> str | None:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+            return f"must be an int >= 2 (leave-one-out baseline), got {v!r}"
+        return None
+
+    return [
+        *_common_rules(),
+        *_model_rules(),
+        *_optim_rules(),
+        _Rule("mode", _one_of(steps.MODES)),
+        _Rule("student_dir", _is_str),
+        _Rule("data.augment", _is_false),
+        _Rule("quant.choices", _choices),
+        _Rule("quant.budget", _positive(float)),
+        _Rule("policy.widths", _widths),
+        _Rule("policy.learning_rate", _positive(float)),
+        _Rule("pair.num_samples", at_least_2),
+        _Rule("pair.quant_batch", _positive(int), optional=True),
+        _Rule("pair.temperature", _positive(float)),
+        _Rule("pair.quant_weight", _non_negative),
+        _Rule("pair.margin", _non_negative),
+        _Rule("pair.reward", _one_of(steps.REWARDS)),
+        _Rule("pair.entropy_coef", _non_negative),
+        _Rule("pair.fp_tolerance", _fraction),
+        _Rule("pair.num_random_eval", _positive(int)),
+    ]
+
+
+def _pipeline_rules() -> list[_Rule]:
+    from ptq_adversary import steps
+    from ptq_adversary.trainers.pipeline import STAGES
+
+    def modes(v: Any) -> str | None:
+        if not isinstance(v, list | tuple) or not v or any(m not in steps.MODES for m in v):
+            return f"must be a non-empty list of {list(steps.MODES)}, got {v!r}"
+        return None
+
+    return [_Rule("stage", _one_of(("all", *STAGES))), _Rule("modes", modes)]
+
+
+_RULES: dict[str, Callable[[], list[_Rule]]] = {
+    "supervised": _supervised_rules,
+    "distill": _distill_rules,
+    "policy_aware": _policy_aware_rules,
+    "pipeline": _pipeline_rules,
+}
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None:
@@ -204,6 +310,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
             continue
         if (err := rule.check(value)) is not None:
             raise ConfigError(rule.field, err)
+    if trainer == "pipeline":
+        from ptq_adversary.trainers.pipeline import stage_configs
+
+        for stage_config in stage_configs(config, "workdir").values():
+            validate(stage_config, num_devices=num_devices)
+        return
     for field in ("optim.batch_size", "eval.batch_size"):
         if _get(config, field) % num_devices:
             raise ConfigError(
@@ -212,6 +324,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
                 f"got {_get(config, field)}",
             )
     _validate_model_kwargs(config)
+    if trainer == "policy_aware":
+        _validate_budget(config)
+
+
+def _validate_budget(config: ml_collections.ConfigDict) -> None:
+    """The budget must be feasible for the model's number of sites (known without weights)."""
+    from flax import nnx
+
+    from ptq_adversary import models, policy
+
+    num_sites = nnx.eval_shape(
+        lambda: models.create_model(
+            config.model.name, num_classes=10, in_channels=1, rngs=nnx.Rngs(0),
+            **to_dict(config.model.get("kwargs", {})),
+        )
+    ).num_sites  # fmt: skip
+    try:
+        policy.Budget(tuple(config.quant.choices), num_sites, float(config.quant.budget))
+    except policy.InfeasibleBudgetError as err:
+        raise ConfigError("quant.budget", str(err)) from None
 
 
 def _validate_model_kwargs(config: ml_collections.ConfigDict) -> None:
@@ -242,7 +374,20 @@ def to_dict(config: Any) -> Any:
 
 #: Fields that fix the shapes of what a workdir's checkpoints hold. A workdir started with one
 #: value cannot be resumed with another.
-SHAPE_FIELDS = ("trainer", "data.name", "model.name", "model.kwargs", "optim.optimizer")
+SHAPE_FIELDS = (
+    "trainer",
+    "data.name",
+    "model.name",
+    "model.kwargs",
+    "optim.optimizer",
+    "mode",
+    "quant",
+    "policy.widths",
+    "teacher.model",
+    "student.model",
+    "pairs.quant",
+    "pairs.policy.widths",
+)
 
 
 def compare_with_saved(config: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:

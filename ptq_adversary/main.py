@@ -29,9 +29,14 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks and debug l
 
 def _trainers() -> dict[str, Callable[[Any, str], Any]]:
     # Imported lazily so that `--help` and config errors do not pay for JAX start-up.
-    from ptq_adversary.trainers import supervised
+    from ptq_adversary.trainers import distill, pipeline, policy_aware, supervised
 
-    return {"supervised": supervised.train_and_evaluate}
+    return {
+        "supervised": supervised.train_and_evaluate,
+        "distill": distill.train_and_evaluate,
+        "policy_aware": policy_aware.train_and_evaluate,
+        "pipeline": pipeline.run_pipeline,
+    }
 
 
 def _fail(message: str) -> None:

@@ -20,7 +20,14 @@ import jax
 import numpy as np
 import tqdm
 
-__all__ = ["MetricWriter", "NonFiniteError", "progress_bar", "to_host", "write_json_atomic"]
+__all__ = [
+    "MetricWriter",
+    "NonFiniteError",
+    "progress_bar",
+    "to_host",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 class NonFiniteError(FloatingPointError):

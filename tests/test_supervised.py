@@ -122,3 +122,22 @@ def test_workdir_of_another_model_is_rejected(uninterrupted):
     with pytest.raises(config_lib.ConfigError, match="workdir holds a run with 'teacher_cnn'"):
         supervised.train_and_evaluate(config, uninterrupted[0])
     assert sorted(os.listdir(uninterrupted[0])) == before
+
+
+def test_model_artifact_reproduces_the_final_evaluation(uninterrupted):
+    from ptq_adversary import artifacts, models
+
+    workdir, results = uninterrupted
+    loaded = artifacts.load_model(os.path.join(workdir, "model"))
+    assert loaded.spec.name == "teacher_cnn" and loaded.num_sites == results["num_sites"]
+    config = _config()
+    dataset = data.load_dataset(
+        config.data.name, val_size=config.data.val_size, train_limit=config.data.train_limit,
+        test_limit=config.data.test_limit,
+    )  # fmt: skip
+    images = data.normalize(dataset.test.images, dataset.mean, dataset.std)
+    logits, _ = jax.jit(models.apply_model, static_argnums=0)(
+        loaded.graphdef, loaded.params, loaded.rest, images
+    )
+    accuracy = float(np.mean(np.argmax(logits, -1) == dataset.test.labels))
+    assert accuracy == pytest.approx(results["test"]["accuracy"], abs=1e-9)

@@ -1,41 +1,37 @@
 """Supervised training on labels (used for the stage-A teacher): ``train_and_evaluate``.
 
-The trainer does I/O and the loop only: the step functions come from
-:mod:`ptq_adversary.steps`. Everything a run writes lives in its workdir::
-
-    DIR/config.json        the config the run was started with (resume checks it)
-    DIR/checkpoints/<step> orbax checkpoints (latest kept; resumed automatically)
-    DIR/metrics.jsonl      one JSON record per log/eval step (see ptq_adversary.metrics)
-    DIR/tensorboard/       TensorBoard events, when tensorboardX is installed
-    DIR/results.json       the final evaluation (schema in README.md), written atomically
-
-A run is a pure function of its config: the batch of step ``s`` depends only on
-``(seed, s)``, so a run that is killed and restarted with the same command ends with the same
-parameters as one that was never interrupted.
+The step functions come from :mod:`ptq_adversary.steps`, the loop (resume, logging,
+checkpoints, preemption) from :mod:`ptq_adversary.trainers.loop`. Besides the loop's files the
+run writes ``DIR/results.json``, the final evaluation (schema in README.md), atomically, and
+``DIR/model/``, the trained model as an artifact (:mod:`ptq_adversary.artifacts`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import signal
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from ptq_adversary import config_lib, data, metrics, models, steps
-from ptq_adversary.checkpoint import Checkpointer
+from ptq_adversary import artifacts, config_lib, data, metrics, models, steps
+from ptq_adversary.trainers import loop
 
-__all__ = ["train_and_evaluate", "make_optimizer", "make_schedule", "evaluate", "build_model"]
+__all__ = [
+    "train_and_evaluate",
+    "make_optimizer",
+    "make_schedule",
+    "evaluate",
+    "build_model",
+    "model_spec",
+    "load_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +73,20 @@ def make_optimizer(
     return opt
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset) -> nnx.Module:
-    """The registry model of ``config.model`` sized for ``dataset``."""
-    return models.create_model(
-        config.model.name,
+def model_spec(config: ml_collections.ConfigDict, dataset: data.Dataset) -> artifacts.ModelSpec:
+    """The architecture of ``config.model`` sized for ``dataset``."""
+    return artifacts.ModelSpec(
+        name=config.model.name,
         num_classes=dataset.num_classes,
         in_channels=dataset.image_shape[-1],
         weight_bits=config.model.weight_bits,
-        rngs=nnx.Rngs(config.seed),
-        **config_lib.to_dict(config.model.kwargs),
+        kwargs=config_lib.to_dict(config.model.kwargs),
     )
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset) -> nnx.Module:
+    """The registry model of ``config.model`` sized for ``dataset``, seeded by ``config.seed``."""
+    return artifacts.build(model_spec(config, dataset), config.seed)
 
 
 def evaluate(
@@ -128,48 +128,6 @@ def evaluate(
     return result
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            config_lib.compare_with_saved(config, json.load(f))
-    metrics.write_json_atomic(path, config_lib.to_dict(config))
-
-
-def _window_meta(step: int, sums: dict[str, jax.Array] | None, count: int) -> dict[str, Any]:
-    return {"step": step, "window_count": count,
-            "window_sums": metrics.to_host(sums) if sums else {}}  # fmt: skip
-
-
-def _window_from_meta(meta: dict[str, Any]) -> tuple[dict[str, jax.Array] | None, int]:
-    count = int(meta.get("window_count", 0))
-    if not count:
-        return None, 0
-    sums = {k: jnp.asarray(v, jnp.float32) for k, v in meta["window_sums"].items()}
-    return sums, count
-
-
 # ------------------------------------------------------------------------------------ trainer
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config.model`` on ``config.data`` with labels, evaluates, writes results.json.
@@ -183,11 +141,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The results dict also written to ``workdir/results.json``.
     """
-    workdir = os.path.abspath(workdir)
     config_lib.validate(config, num_devices=jax.device_count())
-    _prepare_workdir(config, workdir)
+    with loop.Run(config, workdir) as run:
+        dataset = load_data(config)
+        optim = config.optim
+        spe = data.steps_per_epoch(len(dataset.train), optim.batch_size)
+        total_steps = optim.num_steps or max(1, int(round(optim.num_epochs * spe)))
 
-    dataset = data.load_dataset(
+        model = build_model(config, dataset)
+        graphdef, params, rest = models.split_model(model)
+        optimizer = make_optimizer(optim, total_steps)
+        state = run.restore_or_init(steps.create_train_state(params, rest, optimizer, config.seed))
+        train_step = jax.jit(
+            steps.make_supervised_train_step(
+                graphdef, optimizer, label_smoothing=optim.label_smoothing
+            ),
+            donate_argnums=0,
+        )
+        eval_step = jax.jit(steps.make_eval_step(graphdef))
+
+        def run_eval(state: steps.TrainState, split: data.Split) -> dict[str, float]:
+            return evaluate(
+                eval_step, state.params, state.rest, split, dataset,
+                batch_size=config.eval.batch_size, num_sites=model.num_sites,
+                uniform_bits=tuple(config.eval.uniform_bits), data_sharding=run.data_sharding,
+            )  # fmt: skip
+
+        def batch_fn(step: int) -> tuple[np.ndarray, np.ndarray]:
+            batch = data.train_batch(
+                dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
+                augment=config.data.augment, dataset_stats=dataset, flip=config.data.flip,
+            )  # fmt: skip
+            return batch.images, batch.labels
+
+        log.info(
+            "%s on %s: %d params, %d sites, %d steps (%d per epoch), start at %d",
+            config.model.name, config.data.name, models.count_params(params),
+            model.num_sites, total_steps, spe, run.start_step,
+        )  # fmt: skip
+        state = run.fit(
+            state, train_step, batch_fn, total_steps=total_steps,
+            desc=f"train {config.model.name}",
+            eval_fn=lambda state, step: run_eval(state, dataset.val),
+            learning_rate=make_schedule(optim, total_steps),
+        )  # fmt: skip
+        val = run_eval(state, dataset.val)
+        test = run_eval(state, dataset.test)
+        run.write(total_steps, val, split="val")
+        run.write(total_steps, test, split="test")
+        artifacts.save_model(
+            os.path.join(run.workdir, "model"), model_spec(config, dataset),
+            state.params, state.rest,
+        )  # fmt: skip
+
+    results = {
+        "trainer": "supervised",
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "num_params": models.count_params(state.params),
+        "num_sites": model.num_sites,
+        "site_names": list(model.site_names),
+        "weight_bits": config.model.weight_bits,
+        "steps": total_steps,
+        "resumed_from_step": run.start_step,
+        "train_time_s": round(run.train_time_s, 2),
+        "devices": [str(d) for d in jax.devices()],
+        "val": val,
+        "test": test,
+        "num_examples": {"train": len(dataset.train), "val": len(dataset.val),
+                         "test": len(dataset.test)},
+    }  # fmt: skip
+    metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+    log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], run.workdir)
+    return results
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The dataset of ``config.data``."""
+    return data.load_dataset(
         config.data.name,
         data_dir=config.data.data_dir,
         val_size=config.data.val_size,
@@ -195,127 +226,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_limit=config.data.train_limit,
         test_limit=config.data.test_limit,
     )
-    optim = config.optim
-    spe = data.steps_per_epoch(len(dataset.train), optim.batch_size)
-    total_steps = optim.num_steps or max(1, int(round(optim.num_epochs * spe)))
-
-    model = build_model(config, dataset)
-    graphdef, params, rest = models.split_model(model)
-    num_sites = model.num_sites
-    optimizer = make_optimizer(optim, total_steps)
-    schedule = make_schedule(optim, total_steps)
-    state = steps.create_train_state(params, rest, optimizer, config.seed)
-
-    # Data parallel over every device: batch sharded on 'data', state replicated. The same
-    # code runs on 1 CPU or many accelerators.
-    # Auto axes: XLA propagates shardings, so vmapping policies into the batch needs no
-    # explicit out_sharding annotations.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=config.ckpt.max_to_keep,
-    )
-    start_step, sums, count = 0, None, 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start_step = int(state.step)
-        # The partial logging window travels in the checkpoint, so a resumed run logs the
-        # same averages as an uninterrupted one.
-        sums, count = _window_from_meta(meta)
-        log.info("Resumed from %s at step %d", ckpt.directory, start_step)
-    writer = metrics.MetricWriter(
-        workdir, resume_step=start_step if start_step else None, tensorboard=config.log.tensorboard
-    )
-
-    train_step = jax.jit(
-        steps.make_supervised_train_step(
-            graphdef, optimizer, label_smoothing=optim.label_smoothing
-        ),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(steps.make_eval_step(graphdef))
-    uniform = tuple(config.eval.uniform_bits)
-
-    def run_eval(split: data.Split) -> dict[str, float]:
-        return evaluate(
-            eval_step, state.params, state.rest, split, dataset,
-            batch_size=config.eval.batch_size, num_sites=num_sites,
-            uniform_bits=uniform, data_sharding=data_sharding,
-        )  # fmt: skip
-
-    log.info(
-        "%s on %s: %d params, %d sites, %d steps (%d per epoch), start at %d",
-        config.model.name, config.data.name, models.count_params(params), num_sites,
-        total_steps, spe, start_step,
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    bar = metrics.progress_bar(
-        total_steps, initial=start_step, desc=f"train {config.model.name}",
-        disable=not config.log.progress,
-    )  # fmt: skip
-    try:
-        with _Preemption() as preemption:
-            for step in range(start_step, total_steps):
-                batch = data.train_batch(
-                    dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
-                    augment=config.data.augment, dataset_stats=dataset, flip=config.data.flip,
-                )  # fmt: skip
-                images, labels = jax.device_put((batch.images, batch.labels), data_sharding)
-                state, step_metrics = train_step(state, images, labels)
-                sums = step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
-                count += 1
-                done = step + 1
-                bar.update(1)
-                if done % config.log.every_steps == 0 or done == total_steps:
-                    host = {k: v / count for k, v in metrics.to_host(sums).items()}
-                    host["learning_rate"] = float(schedule(done - 1))
-                    writer.write(done, host, split="train")
-                    bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['accuracy']:.3f}")
-                    sums, count = None, 0
-                if done % config.eval.every_steps == 0 and done < total_steps:
-                    writer.write(done, run_eval(dataset.val), split="val")
-                if done % config.ckpt.every_steps == 0 or preemption.requested:
-                    ckpt.save(done, state, _window_meta(done, sums, count))
-                if preemption.requested:
-                    ckpt.wait()
-                    raise SystemExit(
-                        f"SIGTERM: saved a checkpoint at step {done}; rerun the same command "
-                        "to resume"
-                    )
-        bar.close()
-        train_time = time.perf_counter() - t0
-        ckpt.save(total_steps, state, _window_meta(total_steps, None, 0))
-
-        val = run_eval(dataset.val)
-        test = run_eval(dataset.test)
-        writer.write(total_steps, val, split="val")
-        writer.write(total_steps, test, split="test")
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-
-    results = {
-        "trainer": "supervised",
-        "model": config.model.name,
-        "dataset": config.data.name,
-        "num_params": models.count_params(state.params),
-        "num_sites": num_sites,
-        "site_names": list(model.site_names),
-        "weight_bits": config.model.weight_bits,
-        "steps": total_steps,
-        "resumed_from_step": start_step,
-        "train_time_s": round(train_time, 2),
-        "devices": [str(d) for d in jax.devices()],
-        "val": val,
-        "test": test,
-        "num_examples": {"train": len(dataset.train), "val": len(dataset.val),
-                         "test": len(dataset.test)},
-    }  # fmt: skip
-    metrics.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], workdir)
-    return results

@@ -1,0 +1,185 @@
+"""Trained models as artifacts: what a finished stage leaves for the next one.
+
+A model artifact is a directory with ``spec.json`` (how to rebuild the architecture: registry
+name, constructor kwargs, classes, channels, weight bits) and ``state/`` (its ``params`` and
+``rest`` written by orbax, no pickle). Any stage, the audit or a notebook can load it without the
+config or the training state (optimizer moments, RNG) of the run that made it::
+
+    model = artifacts.load_model("runs/fmnist_pair/teacher/model")
+    logits, _ = models.apply_model(model.graphdef, model.params, model.rest, images)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ptq_adversary import metrics, models, policy
+from ptq_adversary.policy_net import PolicyNet
+
+__all__ = [
+    "ModelSpec",
+    "LoadedModel",
+    "PolicySpec",
+    "LoadedPolicy",
+    "save_model",
+    "load_model",
+    "save_policy",
+    "load_policy",
+    "build",
+    "build_policy",
+    "exists",
+]
+
+_SPEC_FILE = "spec.json"
+_STATE_DIR = "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a registry model's architecture."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    weight_bits: int | None
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A restored model, split for the functional API (see ``models.apply_model``)."""
+
+    spec: ModelSpec
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State
+    num_sites: int
+    site_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """Everything needed to rebuild a bit-width policy: its network and its budget."""
+
+    num_sites: int
+    in_channels: int
+    choices: tuple[int, ...]
+    budget: float
+    widths: tuple[int, ...] = (8, 16)
+
+    @property
+    def budget_spec(self) -> policy.Budget:
+        return policy.Budget(tuple(self.choices), self.num_sites, self.budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedPolicy:
+    """A restored policy, split for the functional API."""
+
+    spec: PolicySpec
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State
+
+
+def build_policy(spec: PolicySpec, seed: int = 0) -> PolicyNet:
+    """A freshly initialised policy network of ``spec``."""
+    return PolicyNet(
+        num_sites=spec.num_sites,
+        num_choices=len(spec.choices),
+        in_channels=spec.in_channels,
+        widths=tuple(spec.widths),
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def build(spec: ModelSpec, seed: int = 0) -> nnx.Module:
+    """A freshly initialised model of ``spec``'s architecture."""
+    return models.create_model(
+        spec.name,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        weight_bits=spec.weight_bits,
+        rngs=nnx.Rngs(seed),
+        **spec.kwargs,
+    )
+
+
+def _save(directory: str, spec: Any, params: nnx.State, rest: nnx.State) -> None:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(
+            os.path.join(directory, _STATE_DIR),
+            jax.device_get({"params": params, "rest": rest}),
+            force=True,
+        )
+    # The spec goes last: a directory with spec.json holds a complete artifact.
+    metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), dataclasses.asdict(spec))
+
+
+def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, dict]:
+    directory = os.path.abspath(directory)
+    if not exists(directory):
+        raise FileNotFoundError(f"no artifact ({_SPEC_FILE}) in {directory}")
+    with open(os.path.join(directory, _SPEC_FILE), encoding="utf-8") as f:
+        raw = json.load(f)
+    spec = spec_type(**{k: _tuples(v) for k, v in raw.items()})
+    module = make(spec)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    target = {"params": params, "rest": rest}
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            os.path.join(directory, _STATE_DIR),
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, target),
+        )
+    return spec, module, {"graphdef": graphdef, **restored}
+
+
+def _tuples(value: Any) -> Any:
+    # JSON turns tuples into lists; specs and constructor kwargs want them back (hashable).
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def save_model(directory: str, spec: ModelSpec, params: nnx.State, rest: nnx.State) -> None:
+    """Writes a model artifact to ``directory`` (replacing an older one there)."""
+    _save(directory, spec, params, rest)
+
+
+def save_policy(directory: str, spec: PolicySpec, params: nnx.State, rest: nnx.State) -> None:
+    """Writes a policy artifact to ``directory`` (replacing an older one there)."""
+    _save(directory, spec, params, rest)
+
+
+def exists(directory: str) -> bool:
+    """Whether ``directory`` holds a complete model artifact."""
+    return os.path.exists(os.path.join(directory, _SPEC_FILE))
+
+
+def load_model(directory: str) -> LoadedModel:
+    """Restores a model artifact written by :func:`save_model`.
+
+    Raises:
+      FileNotFoundError: ``directory`` holds no complete artifact.
+    """
+    spec, model, parts = _load(directory, ModelSpec, build)
+    return LoadedModel(
+        spec=spec, num_sites=model.num_sites, site_names=tuple(model.site_names), **parts
+    )
+
+
+def load_policy(directory: str) -> LoadedPolicy:
+    """Restores a policy artifact written by :func:`save_policy`."""
+    spec, _, parts = _load(directory, PolicySpec, build_policy)
+    return LoadedPolicy(spec=spec, **parts)
