@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine with Python >= 3.11:
-#   make run    set up, then train and evaluate the default config on real Fashion-MNIST
+#   make run    set up, then run the whole pipeline (configs/fmnist_pair.py) on real Fashion-MNIST
 #   make test   set up, then lint and run the test suite
 # Set-up = a virtual environment in .venv with the package and its test extras, plus Debian's
 # dataset-fashion-mnist (apt; needs root or sudo). Both steps are skipped once done.
@@ -7,8 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/fmnist_cnn.py
-WORKDIR ?= runs/fmnist_teacher
+CONFIG ?= configs/fmnist_pair.py
+WORKDIR ?= runs/fmnist_pair
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=

@@ -22,7 +22,7 @@ from ptq_adversary import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, smoke=False, model="teacher_cnn", epochs=6.0)
+    arg = config_lib.parse_arg(arg, smoke=False, model="teacher_cnn", epochs=5.0)
     config = ml_collections.ConfigDict()
     config.trainer = "supervised"
     config.seed = 0
@@ -34,7 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.split_seed = 0
     config.data.train_limit = ml_collections.config_dict.placeholder(int)
     config.data.test_limit = ml_collections.config_dict.placeholder(int)
-    config.data.augment = True
+    # Crop/flip augmentation cost ~1 point at this short schedule (90.4 % after 6 epochs with
+    # it, runs/fmnist_pair first attempt); without it 5 epochs suffice.
+    config.data.augment = False
     config.data.flip = True
 
     config.model = ml_collections.ConfigDict()
@@ -44,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.optim = ml_collections.ConfigDict()
     config.optim.optimizer = "adamw"
-    config.optim.learning_rate = 3e-3
+    config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 5e-4
     config.optim.momentum = 0.9  # sgd only
     config.optim.warmup_fraction = 0.05

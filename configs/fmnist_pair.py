@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pairs.pair.entropy_coef = 0.01
     config.pairs.pair.fp_tolerance = 0.01  # matched pairs: FP val accuracy within 1 point
     config.pairs.pair.num_random_eval = 4
+    config.pairs.eval_every_steps = 100  # validation + matched-pair selection
     config.pairs.optim = ml_collections.ConfigDict()
     config.pairs.optim.optimizer = "adamw"
     config.pairs.optim.learning_rate = 1e-3
@@ -114,4 +115,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.pairs.pair.fp_tolerance = 0.5
         config.pairs.optim.batch_size = 16
         config.pairs.optim.num_steps = 8
+        config.pairs.eval_every_steps = 4
     return config

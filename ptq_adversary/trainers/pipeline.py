@@ -72,6 +72,8 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         for key in ("quant", "policy", "pair", "optim"):
             pair[key] = copy.deepcopy(config.pairs[key])
         pair.model = copy.deepcopy(config.student.model)  # for validation of the budget
+        # Matched-pair selection needs frequent validation; the other stages evaluate rarely.
+        pair.eval.every_steps = config.pairs.eval_every_steps
         configs[mode] = pair
     return configs
 
