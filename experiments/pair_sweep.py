@@ -26,13 +26,11 @@ from ptq_adversary.trainers import pipeline  # noqa: E402
 
 # (name, mode, {dotted field: value}) -- explicit, so a results table can cite its row.
 SWEEP: list[tuple[str, str, dict]] = [
-    ("robust_default", "robust", {}),
-    ("detrimental_default", "detrimental", {}),
-    ("detrimental_lambda0.3", "detrimental", {"pairs.pair.quant_weight": 0.3}),
-    ("detrimental_lambda0.1", "detrimental", {"pairs.pair.quant_weight": 0.1}),
-    ("detrimental_ce_reward", "detrimental", {"pairs.pair.reward": "ce"}),
-    ("robust_lambda3", "robust", {"pairs.pair.quant_weight": 3.0}),
-    ("detrimental_2epochs", "detrimental", {"pairs.optim.num_epochs": 2.0}),
+    ("robust_lambda1", "robust", {"pairs.per_mode.robust.quant_weight": 1.0}),
+    ("robust_lambda0.1", "robust", {"pairs.per_mode.robust.quant_weight": 0.1}),
+    ("detrimental_lambda1", "detrimental", {"pairs.per_mode.detrimental.quant_weight": 1.0}),
+    ("detrimental_lambda0.3", "detrimental", {"pairs.per_mode.detrimental.quant_weight": 0.3}),
+    ("detrimental_lambda0.1", "detrimental", {"pairs.per_mode.detrimental.quant_weight": 0.1}),
 ]
 
 

@@ -21,6 +21,7 @@ import ml_collections
 __all__ = [
     "ConfigError",
     "parse_arg",
+    "load_config_file",
     "validate",
     "to_dict",
     "compare_with_saved",
@@ -88,6 +89,22 @@ def _convert(key: str, text: str, default: Any) -> Any:
         return type(default)(ast.literal_eval(text))
     except (ValueError, SyntaxError, TypeError):
         raise ConfigError(f"arg.{key}", f"cannot parse {text!r}") from None
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path`` (as config_flags would load it).
+
+    Lets one config build on another (e.g. a pipeline reusing a teacher config) with a single
+    source of truth. Config files are trusted Python: loading one runs it.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError("config", f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -71,6 +71,9 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         pair.student_dir = os.path.join(workdir, "student")
         for key in ("quant", "policy", "pair", "optim"):
             pair[key] = copy.deepcopy(config.pairs[key])
+        # Mode-specific loss settings (e.g. the weight lambda of the quantized term).
+        for key, value in config.pairs.per_mode.get(mode, {}).items():
+            pair.pair[key] = value
         pair.model = copy.deepcopy(config.student.model)  # for validation of the budget
         # Matched-pair selection needs frequent validation; the other stages evaluate rarely.
         pair.eval.every_steps = config.pairs.eval_every_steps
