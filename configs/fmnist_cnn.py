@@ -12,8 +12,10 @@ Args (``--config=configs/fmnist_cnn.py:model=cnn,epochs=3``):
 What it reproduces: the black-box teacher of the method's stage A (METHOD.md). The paper gives
 no number for its teacher; our requirement is >= 90 % Fashion-MNIST test accuracy.
 
-Measured (2-core x86-64 CPU, jax 0.10.2; see README "Results" for the command's output):
-  teacher_cnn, 6 epochs: test accuracy MEASURED_ACC, wall time MEASURED_TIME.
+Measured (2-core x86-64 CPU, no GPU, jax 0.10.2), default args: teacher_cnn (266 810
+parameters), 5 epochs = 2145 steps at batch 128: test accuracy 91.08 % (uniform 8-bit DPTQ
+91.14 %, 4-bit 88.38 %), 308 s of training, 338 s wall time in all (the teacher stage of
+``configs/fmnist_pair.py`` in runs/final; the same 91.08 % in a second run, runs/teacher_v2).
 """
 
 import ml_collections

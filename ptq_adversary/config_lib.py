@@ -35,6 +35,7 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str | None = None):
         # One-argument form: a full message (how absl and copy re-create exceptions).
         self.field = field if message is not None else None
+        self.message = message
         super().__init__(f"config.{field}: {message}" if message is not None else field)
 
 
@@ -328,10 +329,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
         if (err := rule.check(value)) is not None:
             raise ConfigError(rule.field, err)
     if trainer == "pipeline":
-        from ptq_adversary.trainers.pipeline import stage_configs
+        from ptq_adversary.trainers.pipeline import pipeline_field, stage_configs
 
-        for stage_config in stage_configs(config, "workdir").values():
-            validate(stage_config, num_devices=num_devices)
+        for stage, stage_config in stage_configs(config, "workdir").items():
+            try:
+                validate(stage_config, num_devices=num_devices)
+            except ConfigError as err:
+                # Name the field as the user spells it in the pipeline config.
+                if err.field is None:
+                    raise
+                raise ConfigError(
+                    pipeline_field(stage, err.field), f"{err.message} (stage {stage})"
+                ) from None
         return
     for field in ("optim.batch_size", "eval.batch_size"):
         if _get(config, field) % num_devices:

@@ -96,7 +96,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
         if "--verbose" in argv:
             raise
-        _fail(f"{_one_line(err)} (see --helpshort)")
+        text = _one_line(err)
+        if isinstance(err, KeyError | AttributeError) and " " not in text:
+            text = f"no config field {text.strip(chr(39))!r} (misspelt --config override?)"
+        _fail(f"{text} (see --helpshort)")
         raise  # unreachable: _fail exits
 
 

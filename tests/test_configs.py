@@ -11,6 +11,7 @@ from ptq_adversary import config_lib
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_every_config_loads_and_validates(path, arg):
     config = load_config(path, arg)
+    config.lock()  # as the command line (lock_config=True) hands it over
     config_lib.validate(config)
     assert config.trainer
     doc = path.read_text()

@@ -48,3 +48,18 @@ def test_smoke_run_from_the_command_line(tmp_path):
     proc = _run("--config=configs/fmnist_cnn.py:smoke", f"--workdir={tmp_path}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "results.json").exists()
+
+
+def test_pipeline_errors_name_the_field_as_the_user_spells_it(tmp_path):
+    proc = _run("--config=configs/fmnist_pair.py:smoke", f"--workdir={tmp_path / 'a'}",
+                "--config.pairs.optim.learning_rate=-1")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: config.pairs.optim.learning_rate: must be > 0, got -1.0 (stage robust)"
+    )
+    proc = _run("--config=configs/fmnist_pair.py:smoke", f"--workdir={tmp_path / 'b'}",
+                "--config.optim.learning_rate=1")  # fmt: skip
+    assert proc.returncode == 2 and "no config field 'optim'" in proc.stderr
+    proc = _run("--config=configs/fmnist_pair.py:smoke,budget=4.3", f"--workdir={tmp_path / 'c'}")
+    assert proc.returncode == 2 and "config.pairs.quant.budget: budget 4.3" in proc.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")

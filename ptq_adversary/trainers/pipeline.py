@@ -31,7 +31,7 @@ import ml_collections
 from ptq_adversary import config_lib, evaluation, metrics
 from ptq_adversary.trainers import distill, policy_aware, supervised
 
-__all__ = ["run_pipeline", "stage_configs", "STAGES"]
+__all__ = ["run_pipeline", "stage_configs", "pipeline_field", "STAGES"]
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,37 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         for key in ("quant", "policy", "pair", "optim"):
             pair[key] = copy.deepcopy(config.pairs[key])
         # Mode-specific loss settings (e.g. the weight lambda of the quantized term).
-        for key, value in config.pairs.per_mode.get(mode, {}).items():
-            pair.pair[key] = value
+        with pair.pair.unlocked():  # the command line hands over a locked config
+            for key, value in config.pairs.per_mode.get(mode, {}).items():
+                pair.pair[key] = value
         pair.model = copy.deepcopy(config.student.model)  # for validation of the budget
         # Matched-pair selection needs frequent validation; the other stages evaluate rarely.
         pair.eval.every_steps = config.pairs.eval_every_steps
         configs[mode] = pair
     return configs
+
+
+# Where each stage config's sections come from in the pipeline config (the rest is shared).
+_SECTION_SOURCES = {
+    "teacher": {"model": "teacher.model", "optim": "teacher.optim"},
+    "student": {"model": "student.model", "optim": "student.optim", "kd": "student.kd"},
+    "pair": {
+        "model": "student.model",
+        "quant": "pairs.quant",
+        "policy": "pairs.policy",
+        "pair": "pairs.pair",
+        "optim": "pairs.optim",
+    },
+}
+
+
+def pipeline_field(stage: str, field: str) -> str:
+    """The pipeline-config name of a stage config's ``field`` (for error messages)."""
+    sources = _SECTION_SOURCES["pair" if stage in ("robust", "detrimental") else stage]
+    head, _, tail = field.partition(".")
+    if head in sources:
+        return f"{sources[head]}.{tail}" if tail else sources[head]
+    return field
 
 
 def _modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
