@@ -116,7 +116,7 @@ def test_pipeline_config_validation_rejects_infeasible_budget_and_bad_mode():
     config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke")
     config_lib.validate(config)
     config.pairs.quant.budget = 4.1
-    with pytest.raises(config_lib.ConfigError, match=r"config\.quant\.budget: budget 4\.1"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.pairs\.quant\.budget: budget 4\.1"):
         config_lib.validate(config)
     config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke")
     config.pairs.quant.budget = 9.0
@@ -128,7 +128,9 @@ def test_pipeline_config_validation_rejects_infeasible_budget_and_bad_mode():
         config_lib.validate(config)
     config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke")
     config.pairs.quant.choices = (4, 2)
-    with pytest.raises(config_lib.ConfigError, match=r"config\.quant\.choices: must be a non"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.pairs\.quant\.choices: must be a non"
+    ):
         config_lib.validate(config)
 
 
