@@ -144,14 +144,9 @@ def train_and_evaluate(
             eval_fn=lambda state, step: run_eval(state, dataset.val),
             learning_rate=supervised.make_schedule(optim, total_steps),
         )  # fmt: skip
-        val = run_eval(state, dataset.val)
-        test = run_eval(state, dataset.test)
-        run.write(total_steps, val, split="val")
-        run.write(total_steps, test, split="test")
-        artifacts.save_model(
-            os.path.join(run.workdir, "model"), supervised.model_spec(config, dataset),
-            state.params, state.rest,
-        )  # fmt: skip
+        val, test = supervised.finish(
+            run, state, run_eval, dataset, supervised.model_spec(config, dataset), total_steps
+        )
 
     with open(os.path.join(run.workdir, "teacher.json"), encoding="utf-8") as f:
         teacher_info = json.load(f)

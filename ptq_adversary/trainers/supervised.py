@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ __all__ = [
     "build_model",
     "model_spec",
     "load_data",
+    "finish",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,14 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_fn=lambda state, step: run_eval(state, dataset.val),
             learning_rate=make_schedule(optim, total_steps),
         )  # fmt: skip
-        val = run_eval(state, dataset.val)
-        test = run_eval(state, dataset.test)
-        run.write(total_steps, val, split="val")
-        run.write(total_steps, test, split="test")
-        artifacts.save_model(
-            os.path.join(run.workdir, "model"), model_spec(config, dataset),
-            state.params, state.rest,
-        )  # fmt: skip
+        val, test = finish(run, state, run_eval, dataset, model_spec(config, dataset), total_steps)
 
     results = {
         "trainer": "supervised",
@@ -214,6 +209,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
     log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], run.workdir)
     return results
+
+
+def finish(
+    run: loop.Run,
+    state: steps.TrainState,
+    run_eval: Callable[[steps.TrainState, data.Split], dict[str, float]],
+    dataset: data.Dataset,
+    spec: artifacts.ModelSpec,
+    total_steps: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Final validation and test evaluation, logged, and the model written as an artifact."""
+    val = run_eval(state, dataset.val)
+    test = run_eval(state, dataset.test)
+    run.write(total_steps, val, split="val")
+    run.write(total_steps, test, split="test")
+    artifacts.save_model(os.path.join(run.workdir, "model"), spec, state.params, state.rest)
+    return val, test
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
