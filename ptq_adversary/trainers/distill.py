@@ -108,8 +108,7 @@ def train_and_evaluate(
         del teacher_fn  # black box: only its cached outputs are used from here on
 
         optim = config.optim
-        spe = data.steps_per_epoch(len(dataset.train), optim.batch_size)
-        total_steps = optim.num_steps or max(1, int(round(optim.num_epochs * spe)))
+        total_steps = supervised.num_train_steps(optim, len(dataset.train))
         model = supervised.build_model(config, dataset)
         graphdef, params, rest = models.split_model(model)
         optimizer = supervised.make_optimizer(optim, total_steps)

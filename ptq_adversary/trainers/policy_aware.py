@@ -88,8 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             artifacts.build_policy(pspec, config.seed), nnx.Param, ...))  # fmt: skip
 
         optim = config.optim
-        spe = data.steps_per_epoch(len(dataset.train), optim.batch_size)
-        total_steps = optim.num_steps or max(1, int(round(optim.num_epochs * spe)))
+        total_steps = supervised.num_train_steps(optim, len(dataset.train))
         optimizer = supervised.make_optimizer(optim, total_steps)
         policy_optimizer = _policy_optimizer(config)
         state = run.restore_or_init(

@@ -28,6 +28,7 @@ __all__ = [
     "train_and_evaluate",
     "make_optimizer",
     "make_schedule",
+    "num_train_steps",
     "evaluate",
     "build_model",
     "model_spec",
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ pieces
+def num_train_steps(optim: ml_collections.ConfigDict, num_examples: int) -> int:
+    """``optim.num_steps`` if set, else ``optim.num_epochs`` epochs of full batches."""
+    epoch = data.steps_per_epoch(num_examples, optim.batch_size)
+    return optim.num_steps or max(1, int(round(optim.num_epochs * epoch)))
+
+
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up over ``optim.warmup_fraction`` of the steps, then cosine decay to 0."""
     warmup = int(round(optim.warmup_fraction * total_steps))
@@ -147,8 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with loop.Run(config, workdir) as run:
         dataset = load_data(config)
         optim = config.optim
-        spe = data.steps_per_epoch(len(dataset.train), optim.batch_size)
-        total_steps = optim.num_steps or max(1, int(round(optim.num_epochs * spe)))
+        total_steps = num_train_steps(optim, len(dataset.train))
 
         model = build_model(config, dataset)
         graphdef, params, rest = models.split_model(model)
@@ -179,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.info(
             "%s on %s: %d params, %d sites, %d steps (%d per epoch), start at %d",
             config.model.name, config.data.name, models.count_params(params),
-            model.num_sites, total_steps, spe, run.start_step,
+            model.num_sites, total_steps,
+            data.steps_per_epoch(len(dataset.train), optim.batch_size), run.start_step,
         )  # fmt: skip
         state = run.fit(
             state, train_step, batch_fn, total_steps=total_steps,
