@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ptq_adversary import artifacts, data, steps
 
@@ -56,6 +56,9 @@ def evaluate_pair(
         eval_step = jax.jit(
             steps.make_pair_eval_step(model.graphdef, pol.graphdef, budget, num_random=num_random)
         )
+    weights = (model.params, model.rest, pol.params, pol.rest)
+    if data_sharding is not None:  # batches are sharded: replicate the weights on the same mesh
+        weights = jax.device_put(weights, NamedSharding(data_sharding.mesh, PartitionSpec()))
     key = jax.random.PRNGKey(seed)
     totals = None
     for i, batch in enumerate(
@@ -64,9 +67,7 @@ def evaluate_pair(
         arrays = (batch.images, batch.labels, batch.mask)
         if data_sharding is not None:
             arrays = jax.device_put(arrays, data_sharding)
-        out = eval_step(
-            model.params, model.rest, pol.params, pol.rest, *arrays, jax.random.fold_in(key, i)
-        )
+        out = eval_step(*weights, *arrays, jax.random.fold_in(key, i))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = float(totals["count"])

@@ -208,3 +208,42 @@ def test_interrupted_stage_b_resumes_to_the_same_pair(smoke_pipeline, tmp_path, 
     for key in ("best_step", "val", "test"):
         assert ours[key] == theirs[key]
     assert results["pairs"]["detrimental"] == reference["pairs"]["detrimental"]
+
+
+_MULTI_DEVICE_SCRIPT = """
+import jax, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+import test_pipeline as t
+from ptq_adversary import artifacts, data, evaluation
+assert jax.device_count() == 4
+model, (g, p, r), pspec, (pg, pp, pr) = t._tiny_pair()
+# Committed to one device, as orbax restores an artifact.
+p, r, pp, pr = jax.device_put((p, r, pp, pr), jax.devices()[0])
+rng = np.random.default_rng(0)
+split = data.Split(images=rng.integers(0, 256, size=(20, 12, 12, 1), dtype=np.uint8),
+                   labels=rng.integers(0, 10, size=(20,)).astype(np.int32))
+stats = data.DatasetStats(np.asarray([0.5], np.float32), np.asarray([0.25], np.float32))
+m = artifacts.LoadedModel(artifacts.ModelSpec("cnn", 10, 1, 8), g, p, r, model.num_sites,
+                          tuple(model.site_names))
+pol = artifacts.LoadedPolicy(pspec, pg, pp, pr)
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+kw = dict(batch_size=8, num_random=2)
+one = evaluation.evaluate_pair(m, pol, split, stats, **kw)
+four = evaluation.evaluate_pair(m, pol, split, stats, **kw,
+                                data_sharding=NamedSharding(mesh, PartitionSpec("data")))
+assert one["dptq_accuracy"] == four["dptq_accuracy"], (one, four)
+assert one["fp_accuracy"] == four["fp_accuracy"], (one, four)
+print("ok")
+"""
+
+
+def test_stage_c_with_batches_sharded_over_four_devices():
+    """Artifacts restored on one device evaluate against batches sharded over a mesh."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
