@@ -150,17 +150,8 @@ def train_and_evaluate(
     with open(os.path.join(run.workdir, "teacher.json"), encoding="utf-8") as f:
         teacher_info = json.load(f)
     results = {
-        "trainer": "distill",
-        "model": config.model.name,
-        "dataset": config.data.name,
-        "num_params": models.count_params(state.params),
-        "num_sites": model.num_sites,
-        "site_names": list(model.site_names),
-        "weight_bits": config.model.weight_bits,
+        **supervised.summary("distill", config, model, state, run, total_steps),
         "teacher": teacher_info,
-        "steps": total_steps,
-        "resumed_from_step": run.start_step,
-        "train_time_s": round(run.train_time_s, 2),
         "val": val,
         "test": test,
     }

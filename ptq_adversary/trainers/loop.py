@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from ptq_adversary import config_lib, metrics
 from ptq_adversary.checkpoint import Checkpointer
 
-__all__ = ["Run", "Preempted"]
+__all__ = ["Run", "Preempted", "prepare_workdir"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,23 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Creates ``workdir`` and writes ``config.json`` there; returns the absolute path.
+
+    Raises:
+      config_lib.ConfigError: the workdir holds a run of another config (a field that fixes
+        checkpoint shapes differs from its saved ``config.json``).
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config_lib.compare_with_saved(config, json.load(f))
+    metrics.write_json_atomic(path, config_lib.to_dict(config))
+    return workdir
+
+
 class Run:
     """Workdir plumbing of one trainer invocation.
 
@@ -81,13 +98,7 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
-        path = os.path.join(self.workdir, "config.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                config_lib.compare_with_saved(config, json.load(f))
-        metrics.write_json_atomic(path, config_lib.to_dict(config))
+        self.workdir = prepare_workdir(config, workdir)
 
         # Data parallel over every device: batch sharded on 'data', state replicated. Auto axes
         # let XLA propagate shardings, so vmapping policies into the batch needs no annotations.

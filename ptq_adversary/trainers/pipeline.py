@@ -29,7 +29,7 @@ import jax
 import ml_collections
 
 from ptq_adversary import config_lib, evaluation, metrics
-from ptq_adversary.trainers import distill, policy_aware, supervised
+from ptq_adversary.trainers import distill, loop, policy_aware, supervised
 
 __all__ = ["run_pipeline", "stage_configs", "pipeline_field", "STAGES"]
 
@@ -120,12 +120,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     configs = stage_configs(config, workdir)
     for cfg in configs.values():  # fail before anything runs
         config_lib.validate(cfg, num_devices=jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            config_lib.compare_with_saved(config, json.load(f))
-    metrics.write_json_atomic(path, config_lib.to_dict(config))
+    loop.prepare_workdir(config, workdir)
 
     trainers = {
         "teacher": supervised.train_and_evaluate,

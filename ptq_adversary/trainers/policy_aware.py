@@ -171,15 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "steps": total_steps,
             "resumed_from_step": run.start_step,
             "train_time_s": round(run.train_time_s, 2),
-            "val": evaluation.evaluate_pair(
-                best_model, best_policy, dataset.val, dataset,
-                batch_size=config.eval.batch_size, num_random=pc.num_random_eval,
-                seed=config.seed, data_sharding=run.data_sharding,
-            ),
+            # Selection evaluated the best pair on val already (same weights, seed and step).
+            "val": best_info["val"],
             "test": evaluation.evaluate_pair(
                 best_model, best_policy, dataset.test, dataset,
                 batch_size=config.eval.batch_size, num_random=pc.num_random_eval,
-                seed=config.seed, data_sharding=run.data_sharding,
+                seed=config.seed, eval_step=eval_step, data_sharding=run.data_sharding,
             ),
         }  # fmt: skip
     metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)

@@ -34,6 +34,7 @@ __all__ = [
     "model_spec",
     "load_data",
     "finish",
+    "summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,16 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         val, test = finish(run, state, run_eval, dataset, model_spec(config, dataset), total_steps)
 
     results = {
-        "trainer": "supervised",
-        "model": config.model.name,
-        "dataset": config.data.name,
-        "num_params": models.count_params(state.params),
-        "num_sites": model.num_sites,
-        "site_names": list(model.site_names),
-        "weight_bits": config.model.weight_bits,
-        "steps": total_steps,
-        "resumed_from_step": run.start_step,
-        "train_time_s": round(run.train_time_s, 2),
+        **summary("supervised", config, model, state, run, total_steps),
         "devices": [str(d) for d in jax.devices()],
         "val": val,
         "test": test,
@@ -216,6 +208,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
     log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], run.workdir)
     return results
+
+
+def summary(
+    trainer: str,
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    state: steps.TrainState,
+    run: loop.Run,
+    total_steps: int,
+) -> dict[str, Any]:
+    """The results.json entries every network-training stage reports."""
+    return {
+        "trainer": trainer,
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "num_params": models.count_params(state.params),
+        "num_sites": model.num_sites,
+        "site_names": list(model.site_names),
+        "weight_bits": config.model.weight_bits,
+        "steps": total_steps,
+        "resumed_from_step": run.start_step,
+        "train_time_s": round(run.train_time_s, 2),
+    }
 
 
 def finish(
