@@ -34,6 +34,7 @@ from ptq_adversary.layers import (
 __all__ = [
     "MODELS",
     "ConvNet",
+    "Stage",
     "ResNet",
     "WideResNet",
     "apply_model",
@@ -46,6 +47,15 @@ __all__ = [
     "teacher_cnn",
     "wrn16_4",
 ]
+
+
+# A stage of an inference forward pass: ``(num_sites, fn)`` with ``fn(y, bits) -> y'`` where
+# ``bits`` is int ``[B, num_sites]`` (possibly ``[B, 0]``). A model's ``stages()`` lists them in
+# forward order; their site counts add up to ``model.num_sites`` and composing them from the
+# image equals ``model(x, bits)`` in inference mode. The activation after a stage depends only
+# on the bits of the sites up to its end, which is what lets ``ptq_adversary.audit`` share the
+# work of allocations with a common prefix.
+Stage = tuple[int, Callable[[jax.Array, jax.Array], jax.Array]]
 
 
 def _scale(widths: Sequence[int], width: float) -> tuple[int, ...]:
@@ -145,6 +155,16 @@ class ConvNet(nnx.Module):
             y = jax.nn.relu(self.fc(y, b[-2]))
         return self.head(y, b[-1])
 
+    def stages(self) -> list[Stage]:
+        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
+        out: list[Stage] = [(conv.num_sites, conv) for conv in self.convs]
+        if self.fc is not None:
+            out.append((1, lambda y, b: jax.nn.relu(self.fc(_global_avg_pool(y), b))))
+            out.append((1, self.head))
+        else:
+            out.append((1, lambda y, b: self.head(_global_avg_pool(y), b)))
+        return out
+
 
 class ResNet(nnx.Module):
     """CIFAR-style ResNet of :class:`~ptq_adversary.layers.BasicBlock` s.
@@ -236,6 +256,14 @@ class ResNet(nnx.Module):
         for block, block_bits in zip(self.blocks, b[1:-1], strict=True):
             y = block(y, block_bits, **flags)
         return self.head(_global_avg_pool(y), b[-1])
+
+    def stages(self) -> list[Stage]:
+        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
+        return [
+            (self.stem.num_sites, self.stem),
+            *[(block.num_sites, block) for block in self.blocks],
+            (1, lambda y, b: self.head(_global_avg_pool(y), b)),
+        ]
 
 
 class WideResNet(nnx.Module):
@@ -338,6 +366,14 @@ class WideResNet(nnx.Module):
             y = block(y, block_bits, **flags)
         y = jax.nn.relu(self.bn(y, **flags))
         return self.head(_global_avg_pool(y), b[-1])
+
+    def stages(self) -> list[Stage]:
+        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
+        return [
+            (self.stem.num_sites, self.stem),
+            *[(block.num_sites, block) for block in self.blocks],
+            (1, lambda y, b: self.head(_global_avg_pool(jax.nn.relu(self.bn(y))), b)),
+        ]
 
 
 # --- Registry constructors: keyword-only (num_classes, in_channels, weight_bits, rngs) plus

@@ -1,0 +1,80 @@
+r"""Audit a trained model's worst case under dynamic PTQ (ptq_adversary.audit).
+
+Command (after the pipeline, ``make run``, has filled runs/fmnist_pair)::
+
+  python -m ptq_adversary.main --config=configs/audit.py:source=student,pipeline=runs/fmnist_pair \
+      --workdir=runs/audit_student
+
+Args (``--config=configs/audit.py:source=robust,pipeline=DIR,examples=2000``):
+  smoke: a tiny model trained here for a few steps (``source=fresh``), 64 test images, short
+    searches (tests and CI).
+  source: ``student`` (default; the stage-A student, never trained to fail), ``teacher``,
+    ``robust`` or ``detrimental`` (a pair's selected network), or ``fresh`` (train a ``cnn``
+    here with configs/fmnist_cnn.py's recipe first).
+  pipeline: the pipeline workdir holding the source (default runs/fmnist_pair).
+  examples: how many test images to audit (default 2000, the first ones of the test split).
+  budget: mean activation bits per site (default 4, the pipeline's).
+
+Methods: uniform, random (one draw, and random search), greedy and beam search, the learned
+policy (REINFORCE against the frozen network on 10000 train images), and the exhaustive exact
+worst case over all feasible allocations (109 for the 4-site CNN at choices {2,3,4,5,6,8},
+budget 4). Measured results: README.md, "Auditing a model".
+"""
+
+import os
+
+import ml_collections
+
+from ptq_adversary import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(
+        arg, smoke=False, source="student", pipeline="runs/fmnist_pair", examples=2000, budget=4.0
+    )
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fmnist_cnn.py")
+    base = config_lib.load_config_file(path, "smoke,model=cnn" if arg.smoke else "model=cnn")
+    config = ml_collections.ConfigDict()
+    config.trainer = "audit"
+    config.seed = 0
+    for key in ("data", "model", "optim", "eval", "log", "ckpt"):  # model/optim: source=fresh
+        config[key] = base[key]
+
+    config.source = ml_collections.ConfigDict()
+    config.source.kind = "fresh" if arg.smoke else arg.source
+    config.source.pipeline_dir = arg.pipeline
+
+    config.audit = ml_collections.ConfigDict()
+    config.audit.choices = (2, 3, 4, 5, 6, 8)
+    config.audit.budget = arg.budget
+    config.audit.methods = ("uniform", "random", "greedy", "beam", "policy", "exhaustive")
+    config.audit.num_examples = arg.examples
+    config.audit.max_allocations = 5000  # exhaustive only up to this many allocations
+    # Searches: 1 + num_iters * beam_width * num_moves = 65 forward passes per example, and
+    # random search gets the same number (num_random None).
+    config.audit.beam_width = 4
+    config.audit.num_moves = 4
+    config.audit.num_iters = 4
+    config.audit.num_random = ml_collections.config_dict.placeholder(int)
+    config.audit.example_chunk = 128
+    config.audit.policy = ml_collections.ConfigDict()
+    config.audit.policy.steps = 300
+    config.audit.policy.batch_size = 64
+    config.audit.policy.num_samples = 8
+    config.audit.policy.learning_rate = 3e-3
+    config.audit.policy.entropy_coef = 0.01
+    config.audit.policy.widths = (8, 16)
+    config.audit.policy.train_examples = 10000
+
+    if arg.smoke:
+        config.audit.num_examples = 64
+        config.audit.num_iters = 1
+        config.audit.num_moves = 2
+        config.audit.beam_width = 2
+        config.audit.example_chunk = 32
+        config.audit.policy.steps = 2
+        config.audit.policy.batch_size = 16
+        config.audit.policy.num_samples = 2
+        config.audit.policy.widths = (4,)
+        config.audit.policy.train_examples = 64
+    return config

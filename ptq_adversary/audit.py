@@ -1,0 +1,1192 @@
+r"""Audit any trained model: how badly can dynamic PTQ at a bit budget hurt it, and where?
+
+The network is frozen. For a model, images, labels and a budget (choices, mean bits per site),
+the audit evaluates budget-feasible per-example bit allocations found by several methods:
+
+``uniform``
+  the one allocation a static deployment would use (:func:`policy.uniform_allocation`).
+``random``
+  allocations drawn uniformly from all feasible ones: the accuracy under one random draw, and
+  *random search* (the worst of ``E`` draws per example) as the baseline every search must beat.
+``greedy`` / ``beam``
+  per-example local search maximising the quantized cross-entropy: from the uniform
+  allocation, repeatedly move bits between two sites (exact sum kept) and keep the ``W`` best
+  allocations (``W = 1`` greedy). Works for any number of sites.
+``policy``
+  the pipeline's input-conditioned policy (:class:`~ptq_adversary.policy_net.PolicyNet`)
+  trained by REINFORCE against the frozen network: the damage a *deployable* policy (a function
+  of the input) achieves, as opposed to a per-example oracle.
+``exhaustive``
+  every feasible allocation for every example when there are at most ``max_allocations``: the
+  exact per-example worst case (the oracle). Allocations that share a prefix of site bits share
+  the computation up to that prefix, because the activation after a model stage depends only on
+  the bits of the sites up to it (``model.stages()``, see :data:`models.Stage`); models without
+  ``stages()`` fall back to one full forward pass per allocation.
+
+Entry point: :func:`audit` returns an :class:`AuditResult`; :func:`write_report` writes it as
+JSON, CSV, a markdown summary and PNG plots. ``configs/audit.py`` runs it from the command line
+on a checkpoint of a pipeline workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.typing import ArrayLike
+
+from ptq_adversary import policy
+from ptq_adversary.models import apply_model, split_model
+
+__all__ = [
+    "METHODS",
+    "AuditResult",
+    "SearchResult",
+    "audit",
+    "beam_search",
+    "exhaustive",
+    "prefix_tree",
+    "random_search",
+]
+
+METHODS = ("uniform", "random", "greedy", "beam", "policy", "exhaustive")
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _loss_and_correct(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss, jnp.argmax(logits, -1) == labels
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _fp_eval(graphdef, params, rest, images, labels):
+    logits, _ = apply_model(graphdef, params, rest, images)
+    loss, correct = _loss_and_correct(logits, labels)
+    top2 = jax.lax.top_k(logits, 2)[0]
+    true = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+    other = jnp.where(jnp.argmax(logits, -1) == labels, top2[:, 1], top2[:, 0])
+    return loss, correct, true - other
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _eval_per_example(graphdef, params, rest, images, labels, bits_cbl):
+    """Quantized loss and correctness of ``C`` per-example allocations ``bits [C, B, L]``."""
+
+    def one(bits_bl):
+        logits, _ = apply_model(graphdef, params, rest, images, bits_bl)
+        return _loss_and_correct(logits, labels)
+
+    return jax.vmap(one)(bits_cbl)
+
+
+# ------------------------------------------------------------------ exhaustive enumeration
+@dataclasses.dataclass(frozen=True)
+class PrefixLevel:
+    """One stage of the prefix tree of a set of allocations.
+
+    Attributes:
+      parent: int ``[U]``: for each distinct prefix ending at this stage, the index of its
+        parent prefix (ending at the previous stage).
+      bits: int ``[U, k]``: the bits of this stage's ``k`` sites for each prefix.
+    """
+
+    parent: np.ndarray
+    bits: np.ndarray
+
+
+def prefix_tree(
+    allocations: np.ndarray, stage_sites: Sequence[int]
+) -> tuple[list[PrefixLevel], np.ndarray]:
+    """Groups allocations by shared prefixes at stage boundaries.
+
+    Args:
+      allocations: int ``[N, L]`` bit-widths.
+      stage_sites: number of sites of each stage, summing to ``L``.
+
+    Returns:
+      ``(levels, order)``: one :class:`PrefixLevel` per stage, and int ``[N]`` mapping each
+      allocation to its row among the last level's prefixes (the full allocations).
+    """
+    allocations = np.asarray(allocations)
+    if sum(stage_sites) != allocations.shape[1]:
+        raise ValueError(
+            f"stages cover {sum(stage_sites)} sites, allocations have {allocations.shape[1]}"
+        )
+    levels = []
+    prev_index = np.zeros(len(allocations), np.int64)  # row of each allocation's prefix
+    start = 0
+    for k in stage_sites:
+        end = start + k
+        # Distinct (parent prefix, this stage's bits) pairs; parents are already distinct.
+        keys = np.concatenate([prev_index[:, None], allocations[:, start:end]], axis=1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        levels.append(
+            PrefixLevel(parent=uniq[:, 0].astype(np.int32), bits=uniq[:, 1:].astype(np.int32))
+        )
+        prev_index = inverse.reshape(-1)
+        start = end
+    return levels, prev_index.astype(np.int32)
+
+
+def _stage_sites(model: nnx.Module) -> list[int] | None:
+    if not hasattr(model, "stages"):
+        return None
+    return [k for k, _ in model.stages()]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tree_forward(graphdef, row_chunk, params, rest, images, labels, parents, bits, order):
+    """Loss and correct ``[N, B]`` of every allocation, stage by stage along a prefix tree.
+
+    Level ``s`` computes ``stage_s(h_{s-1}[parent], bits)`` for each of its rows, in chunks of
+    ``row_chunk`` rows (``lax.map``) so that a conv sees at most ``row_chunk x B`` inputs.
+    """
+    model = nnx.merge(graphdef, params, rest)
+    batch = images.shape[0]
+    h = images[None]
+    for (_, fn), parent, level_bits in zip(model.stages(), parents, bits, strict=True):
+
+        def row(args, h=h, fn=fn):
+            p, b = args
+            return fn(h[p], jnp.broadcast_to(b, (batch, b.shape[0])))
+
+        h = jax.lax.map(row, (parent, level_bits), batch_size=min(row_chunk, len(parent)))
+    return jax.vmap(lambda lg: _loss_and_correct(lg, labels))(h[order])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _naive_forward(graphdef, params, rest, images, labels, chunk, allocations):
+    """One full forward pass per allocation (``lax.map`` in chunks): loss, correct ``[N, B]``."""
+    batch = images.shape[0]
+
+    def one(bits_l):
+        bits = jnp.broadcast_to(bits_l, (batch, bits_l.shape[0]))
+        logits, _ = apply_model(graphdef, params, rest, images, bits)
+        return _loss_and_correct(logits, labels)
+
+    return jax.lax.map(one, allocations, batch_size=min(chunk, len(allocations)))
+
+
+def exhaustive(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    allocations: ArrayLike,
+    *,
+    prefix_sharing: bool = True,
+    example_chunk: int = 64,
+    row_chunk: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluates every allocation on every example (network frozen, inference mode).
+
+    Args:
+      model: a model with the ``bits`` interface (``model(x, bits)``); with ``stages()`` for
+        prefix sharing.
+      images: float ``[B, H, W, C]``, as the model expects them (normalized).
+      labels: int ``[B]``.
+      allocations: int ``[N, L]`` bit-widths (the same allocation for every example).
+      prefix_sharing: share the work of common prefixes (needs ``model.stages()``). ``False``
+        runs the same stages with every allocation computing every stage (the naive
+        per-allocation reference, bit-identical in its results).
+      example_chunk: examples per compiled call (bounds memory: the widest level of the prefix
+        tree holds ``N x example_chunk`` activations). The last chunk is padded.
+      row_chunk: prefixes (allocations) per vmapped pass within a level, so that a layer sees
+        at most ``row_chunk x example_chunk`` inputs at once.
+
+    Returns:
+      ``(loss, correct)``: float32 and bool numpy ``[N, B]``.
+    """
+    graphdef, params, rest = split_model(model)
+    images = jnp.asarray(images, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    allocations = np.asarray(allocations, np.int32)
+    sites = _stage_sites(model)
+    if sites is None:  # no stages(): one forward pass per allocation through the model
+        alloc = jnp.asarray(allocations)
+        run = lambda x, y: _naive_forward(graphdef, params, rest, x, y, row_chunk, alloc)
+        return _chunked_over_examples(run, images, labels, example_chunk)
+    if prefix_sharing:
+        levels, order = prefix_tree(allocations, sites)
+    else:  # the same stages, every allocation its own row at every level: no sharing
+        n, ends = len(allocations), np.cumsum([0, *sites])
+        levels = [
+            PrefixLevel(
+                np.arange(n, dtype=np.int32) if i else np.zeros(n, np.int32),
+                allocations[:, ends[i] : ends[i + 1]],
+            )
+            for i in range(len(sites))
+        ]
+        order = np.arange(n, dtype=np.int32)
+    parents = tuple(jnp.asarray(lv.parent) for lv in levels)
+    bits = tuple(jnp.asarray(lv.bits) for lv in levels)
+    run = lambda x, y: _tree_forward(
+        graphdef, row_chunk, params, rest, x, y, parents, bits, jnp.asarray(order)
+    )
+    return _chunked_over_examples(run, images, labels, example_chunk)
+
+
+def _chunked_over_examples(run, images, labels, chunk):
+    n = images.shape[0]
+    chunk = max(1, min(chunk, n))
+    losses, corrects = [], []
+    for start in range(0, n, chunk):
+        x, y = images[start : start + chunk], labels[start : start + chunk]
+        pad = chunk - x.shape[0]
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+        loss, correct = run(x, y)
+        losses.append(np.asarray(loss)[:, : chunk - pad])
+        corrects.append(np.asarray(correct)[:, : chunk - pad])
+    return np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
+
+
+# --------------------------------------------------------------------- per-example searches
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What a per-example search found (numpy arrays; ``B`` examples, ``L`` sites).
+
+    Attributes:
+      worst_loss: float32 ``[B]``, the largest quantized cross-entropy found.
+      worst_bits: int32 ``[B, L]``, the allocation that reached it.
+      broken: bool ``[B]``, whether some evaluated allocation misclassified the example.
+      broken_bits: int32 ``[B, L]``, the highest-loss misclassifying allocation found
+        (``worst_bits`` where none was found).
+      mean_correct: float32 ``[B]``, the fraction of evaluated allocations that classified the
+        example correctly (for random search: the accuracy under one random draw).
+      evaluations: forward passes per example.
+    """
+
+    worst_loss: np.ndarray
+    worst_bits: np.ndarray
+    broken: np.ndarray
+    broken_bits: np.ndarray
+    mean_correct: np.ndarray
+    evaluations: int
+
+
+class _Tracker:
+    """Running worst case per example over batches of evaluated allocations."""
+
+    def __init__(self, batch: int, num_sites: int):
+        self.worst_loss = np.full(batch, -np.inf, np.float32)
+        self.worst_bits = np.zeros((batch, num_sites), np.int32)
+        self.broken_loss = np.full(batch, -np.inf, np.float32)
+        self.broken_bits = np.zeros((batch, num_sites), np.int32)
+        self.correct_sum = np.zeros(batch, np.float64)
+        self.count = 0
+
+    def update(self, loss: np.ndarray, correct: np.ndarray, bits: np.ndarray) -> None:
+        """Adds ``C`` evaluated allocations: loss, correct ``[C, B]``, bits ``[C, B, L]``."""
+        cols = np.arange(loss.shape[1])
+        best = np.argmax(loss, axis=0)
+        better = loss[best, cols] > self.worst_loss
+        self.worst_loss = np.where(better, loss[best, cols], self.worst_loss)
+        self.worst_bits = np.where(better[:, None], bits[best, cols], self.worst_bits)
+        wrong_loss = np.where(correct, -np.inf, loss)
+        best = np.argmax(wrong_loss, axis=0)
+        better = wrong_loss[best, cols] > self.broken_loss
+        self.broken_loss = np.where(better, wrong_loss[best, cols], self.broken_loss)
+        self.broken_bits = np.where(better[:, None], bits[best, cols], self.broken_bits)
+        self.correct_sum += correct.sum(axis=0)
+        self.count += loss.shape[0]
+
+    def result(self) -> SearchResult:
+        broken = np.isfinite(self.broken_loss)
+        return SearchResult(
+            worst_loss=self.worst_loss,
+            worst_bits=self.worst_bits,
+            broken=broken,
+            broken_bits=np.where(broken[:, None], self.broken_bits, self.worst_bits),
+            mean_correct=(self.correct_sum / max(self.count, 1)).astype(np.float32),
+            evaluations=self.count,
+        )
+
+
+def _split_model(model: nnx.Module):
+    graphdef, params, rest = split_model(model)
+    return graphdef, params, rest
+
+
+def _check_inputs(images: ArrayLike, labels: ArrayLike, num_classes: int | None = None):
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be [B] = [{images.shape[0]}], got shape {labels.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"images must be float (normalized as the model expects), got {images.dtype}"
+        )
+    if not np.all(np.isfinite(images)):
+        bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(axis=1)))
+        raise ValueError(f"images contain NaN or inf ({bad} of {len(images)} examples)")
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
+    return images.astype(np.float32), labels.astype(np.int32)
+
+
+def random_search(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    budget: policy.Budget,
+    *,
+    num_samples: int,
+    seed: int = 0,
+    example_chunk: int = 64,
+    alloc_chunk: int = 16,
+) -> SearchResult:
+    """Evaluates ``num_samples`` allocations per example drawn uniformly from all feasible ones.
+
+    Args:
+      model: a model with the ``bits`` interface.
+      images: float ``[B, H, W, C]`` (normalized); labels: int ``[B]``.
+      budget: the :class:`policy.Budget` (``num_sites`` must be the model's).
+      num_samples: ``E``, draws per example (independent across examples).
+      seed: PRNG seed of the draws.
+      example_chunk, alloc_chunk: examples and allocations per compiled call.
+
+    Returns:
+      A :class:`SearchResult`; ``mean_correct`` is the accuracy under one random draw.
+    """
+    graphdef, params, rest = _split_model(model)
+    images, labels = _check_inputs(images, labels)
+    draw = jax.jit(jax.vmap(jax.vmap(lambda k: policy.sample_uniform(k, budget))))
+    key = jax.random.key(seed)
+    out = []
+    for start in range(0, len(images), example_chunk):
+        x = jnp.asarray(images[start : start + example_chunk])
+        y = jnp.asarray(labels[start : start + example_chunk])
+        tracker = _Tracker(len(x), budget.num_sites)
+        for c0 in range(0, num_samples, alloc_chunk):
+            c = min(alloc_chunk, num_samples - c0)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
+                (start * num_samples + c0 * len(x)) + jnp.arange(c * len(x))
+            ).reshape(c, len(x))
+            bits = policy.to_bits(draw(keys), budget)  # [c, B, L]
+            loss, correct = _eval_per_example(graphdef, params, rest, x, y, bits)
+            tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(bits))
+        out.append(tracker.result())
+    return _concat(out)
+
+
+def _concat(parts: Sequence[SearchResult]) -> SearchResult:
+    fields = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(SearchResult)
+        if f.name != "evaluations"
+    }
+    return SearchResult(**fields, evaluations=parts[0].evaluations)
+
+
+def _moves(budget: policy.Budget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All ``(i, j, k)`` moves: site ``i`` takes choice ``k``, site ``j`` keeps the sum."""
+    L, K = budget.num_sites, budget.num_choices
+    i, j, k = np.meshgrid(np.arange(L), np.arange(L), np.arange(K), indexing="ij")
+    keep = i != j
+    return i[keep].astype(np.int32), j[keep].astype(np.int32), k[keep].astype(np.int32)
+
+
+def _neighbours(key, idx_wbl, budget: policy.Budget, num_moves: int):
+    """``num_moves`` random feasible neighbours of each allocation ``[W, B, L]`` (indices).
+
+    A neighbour moves site ``i`` to another choice and site ``j`` to the choice that keeps the
+    exact bit sum. Where fewer moves are feasible, the rest repeat the allocation itself.
+
+    Returns:
+      int32 ``[W * num_moves, B, L]`` choice indices.
+    """
+    mi, mj, mk = (jnp.asarray(a) for a in _moves(budget))
+    choices = jnp.asarray(budget.choices, jnp.int32)
+    # value -> choice index (or -1) for values 0 .. 2 * max.
+    table = -jnp.ones(2 * budget.choices[-1] + 1, jnp.int32)
+    table = table.at[choices].set(jnp.arange(budget.num_choices, dtype=jnp.int32))
+    vals = choices[idx_wbl]  # [W, B, L]
+    vi, vj = vals[..., mi], vals[..., mj]  # [W, B, T]
+    new_j = vi + vj - choices[mk]
+    new_j_idx = jnp.where(
+        (new_j >= 0) & (new_j < table.shape[0]), table[jnp.clip(new_j, 0, table.shape[0] - 1)], -1
+    )
+    feasible = (new_j_idx >= 0) & (mk != idx_wbl[..., mi])
+    gumbel = jax.random.gumbel(key, feasible.shape)
+    score = jnp.where(feasible, gumbel, -jnp.inf)
+    top_score, top = jax.lax.top_k(score, num_moves)  # [W, B, M]
+    ok = jnp.isfinite(top_score)
+    t_i, t_j, t_k = mi[top], mj[top], mk[top]
+    t_jk = jnp.take_along_axis(new_j_idx, top, -1)
+    L = budget.num_sites
+    site = jnp.arange(L)
+    cand = jnp.broadcast_to(idx_wbl[:, :, None, :], (*top.shape, L))
+    cand = jnp.where((site == t_i[..., None]) & ok[..., None], t_k[..., None], cand)
+    cand = jnp.where((site == t_j[..., None]) & ok[..., None], t_jk[..., None], cand)
+    w, b, m, _ = cand.shape
+    return jnp.transpose(cand, (0, 2, 1, 3)).reshape(w * m, b, L)
+
+
+def _select(pool_idx, pool_loss, width: int):
+    """Top-``width`` distinct allocations per example: pool ``[S, B, L]``, loss ``[S, B]``."""
+    same = jnp.all(pool_idx[:, None] == pool_idx[None, :], axis=-1)  # [S, S, B]
+    earlier = jnp.tril(jnp.ones(same.shape[:2], bool), k=-1)[..., None]
+    dup = jnp.any(same & earlier, axis=1)  # [S, B]: equals an earlier pool entry
+    score = jnp.where(dup, -jnp.inf, pool_loss)
+    top_loss, top = jax.lax.top_k(score.T, width)  # [B, W]
+    idx = jnp.take_along_axis(jnp.transpose(pool_idx, (1, 0, 2)), top[..., None], axis=1)
+    return jnp.transpose(idx, (1, 0, 2)), top_loss.T
+
+
+def beam_search(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    budget: policy.Budget,
+    *,
+    width: int = 4,
+    num_moves: int = 8,
+    num_iters: int = 4,
+    seed: int = 0,
+    example_chunk: int = 64,
+) -> SearchResult:
+    """Per-example beam search over feasible allocations, maximising the quantized loss.
+
+    Starts from the uniform allocation. Each iteration draws ``num_moves`` random feasible
+    moves (:func:`_neighbours`) from each of the ``width`` allocations in the beam, evaluates
+    them, and keeps the ``width`` best distinct allocations among beam and candidates.
+    ``width=1`` is greedy hill climbing. Cost: ``1 + num_iters * width * num_moves`` forward
+    passes per example.
+
+    Args:
+      model: a model with the ``bits`` interface.
+      images: float ``[B, H, W, C]`` (normalized); labels: int ``[B]``.
+      budget: the :class:`policy.Budget`.
+      width: ``W``, allocations kept per example.
+      num_moves: ``M``, candidates drawn per beam entry and iteration.
+      num_iters: iterations.
+      seed: PRNG seed of the move draws.
+      example_chunk: examples per compiled call.
+
+    Returns:
+      A :class:`SearchResult` over every evaluated allocation.
+    """
+    graphdef, params, rest = _split_model(model)
+    images, labels = _check_inputs(images, labels)
+    uniform = jnp.asarray(policy.uniform_allocation(budget), jnp.int32)
+    key = jax.random.key(seed)
+
+    @jax.jit
+    def iterate(key, beam_idx, beam_loss, x, y):
+        cand = _neighbours(key, beam_idx, budget, num_moves)  # [W*M, B, L]
+        bits = policy.to_bits(cand, budget)
+        loss, correct = _eval_per_example(graphdef, params, rest, x, y, bits)
+        pool = jnp.concatenate([beam_idx, cand])
+        pool_loss = jnp.concatenate([beam_loss, loss])
+        new_idx, new_loss = _select(pool, pool_loss, width)
+        return new_idx, new_loss, loss, correct, bits
+
+    out = []
+    for start in range(0, len(images), example_chunk):
+        x = jnp.asarray(images[start : start + example_chunk])
+        y = jnp.asarray(labels[start : start + example_chunk])
+        batch = x.shape[0]
+        tracker = _Tracker(batch, budget.num_sites)
+        init_bits = jnp.broadcast_to(policy.to_bits(uniform, budget), (1, batch, len(uniform)))
+        loss, correct = _eval_per_example(graphdef, params, rest, x, y, init_bits)
+        tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(init_bits))
+        # The beam starts as `width` copies of the uniform allocation; copies are duplicates
+        # and are dropped at the first selection.
+        beam_idx = jnp.broadcast_to(uniform, (width, batch, len(uniform)))
+        beam_loss = jnp.concatenate([loss, jnp.full((width - 1, batch), -jnp.inf)])
+        for it in range(num_iters):
+            k = jax.random.fold_in(jax.random.fold_in(key, start), it)
+            beam_idx, beam_loss, loss, correct, bits = iterate(k, beam_idx, beam_loss, x, y)
+            tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(bits))
+        out.append(tracker.result())
+    return _concat(out)
+
+
+# ---------------------------------------------------------------- learned (deployable) policy
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """REINFORCE training of an input-conditioned policy against the frozen network.
+
+    Attributes:
+      steps: policy updates.
+      batch_size: inputs per update.
+      num_samples: ``P`` allocations sampled per input (leave-one-out baseline, ``P >= 2``).
+      learning_rate: Adam step size.
+      entropy_coef: weight of the entropy bonus.
+      widths: the policy network's conv widths (:class:`~ptq_adversary.policy_net.PolicyNet`).
+    """
+
+    steps: int = 300
+    batch_size: int = 64
+    num_samples: int = 8
+    learning_rate: float = 3e-3
+    entropy_coef: float = 0.01
+    widths: tuple[int, ...] = (8, 16)
+
+
+def train_policy(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    budget: policy.Budget,
+    config: PolicyConfig = PolicyConfig(),
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> nnx.Module:
+    """Trains the pipeline's bit-width policy to maximise the frozen network's quantized loss.
+
+    The stage-B step of the pipeline (:func:`steps.make_pair_train_step`, detrimental mode,
+    reward ``CE(f_q(x; b), y)`` against the true labels) with the network's update switched off
+    (``optax.set_to_zero`` and a zero quantized-loss weight): only the policy learns.
+
+    Args:
+      model: the frozen network (``bits`` interface).
+      images: float ``[N, H, W, C]`` training inputs (normalized); labels: int ``[N]``.
+      budget: the :class:`policy.Budget`.
+      config: a :class:`PolicyConfig`.
+      seed: seeds the policy's initialisation, the batch order and the sampled allocations.
+      progress: show a progress bar.
+
+    Returns:
+      The trained :class:`~ptq_adversary.policy_net.PolicyNet`.
+    """
+    from ptq_adversary import metrics, steps  # noqa: PLC0415 (steps imports models; keep light)
+    from ptq_adversary.policy_net import PolicyNet  # noqa: PLC0415
+
+    images, labels = _check_inputs(images, labels)
+    graphdef, params, rest = _split_model(model)
+    pol = PolicyNet(
+        num_sites=budget.num_sites,
+        num_choices=budget.num_choices,
+        in_channels=images.shape[-1],
+        widths=config.widths,
+        rngs=nnx.Rngs(seed),
+    )
+    pol_graphdef, pol_params, pol_rest = nnx.split(pol, nnx.Param, ...)
+    frozen, pol_opt = optax.set_to_zero(), optax.adam(config.learning_rate)
+    state = steps.create_pair_state(params, rest, frozen, pol_params, pol_rest, pol_opt, seed)
+    step = jax.jit(
+        steps.make_pair_train_step(
+            graphdef,
+            pol_graphdef,
+            frozen,
+            pol_opt,
+            budget,
+            mode="detrimental",
+            num_samples=config.num_samples,
+            temperature=1.0,
+            quant_weight=0.0,
+            margin=0.0,
+            reward="ce",
+            entropy_coef=config.entropy_coef,
+        )
+    )
+    num_classes = int(np.asarray(model(jnp.asarray(images[:1]))).shape[-1])
+    rng = np.random.default_rng(seed)
+    batch = min(config.batch_size, len(images))
+    with metrics.progress_bar(config.steps, desc="audit policy", disable=not progress) as bar:
+        for _ in range(config.steps):
+            idx = rng.choice(len(images), batch, replace=False)
+            target = jax.nn.one_hot(labels[idx], num_classes)  # argmax = the true label
+            state, m = step(state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), target)
+            bar.update()
+    return nnx.merge(pol_graphdef, state.policy_params, state.policy_rest)
+
+
+def policy_allocations(
+    policy_net: nnx.Module, images: ArrayLike, budget: policy.Budget, *, chunk: int = 512
+) -> np.ndarray:
+    """The deployed (greedy) allocation of a policy network for each input.
+
+    Returns:
+      int32 numpy ``[B, L]`` bit-widths.
+    """
+    graphdef, state = nnx.split(policy_net)
+
+    @jax.jit
+    def alloc(state, x):
+        logits = nnx.merge(graphdef, state)(x)
+        return policy.to_bits(jax.vmap(lambda lg: policy.greedy(lg, budget))(logits), budget)
+
+    images = np.asarray(images, np.float32)
+    return np.concatenate(
+        [
+            np.asarray(alloc(state, jnp.asarray(images[i : i + chunk])))
+            for i in range(0, len(images), chunk)
+        ]
+    )
+
+
+def evaluate_allocations(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    bits: ArrayLike,
+    *,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantized loss and correctness of one allocation per example (``bits [B, L]``).
+
+    Returns:
+      float32 and bool numpy ``[B]``.
+    """
+    graphdef, params, rest = _split_model(model)
+    images, labels = _check_inputs(images, labels)
+    bits = np.asarray(bits, np.int32)
+    out = [
+        _eval_per_example(
+            graphdef,
+            params,
+            rest,
+            jnp.asarray(images[i : i + chunk]),
+            jnp.asarray(labels[i : i + chunk]),
+            jnp.asarray(bits[None, i : i + chunk]),
+        )
+        for i in range(0, len(images), chunk)
+    ]
+    return (
+        np.concatenate([np.asarray(o[0][0]) for o in out]),
+        np.concatenate([np.asarray(o[1][0]) for o in out]),
+    )
+
+
+# --------------------------------------------------------------------------- the audit
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """One method's outcome on the audited examples.
+
+    Attributes:
+      accuracy: fraction of examples classified correctly under the method's allocations. For
+        a search (random search, greedy, beam, exhaustive): correct under *every* allocation it
+        evaluated, so exhaustive gives the exact worst-case (oracle) accuracy.
+      broken: bool ``[B]``: FP-correct examples the method misclassified.
+      worst_loss: float32 ``[B]``: the largest quantized cross-entropy reached.
+      bits: int32 ``[B, L]``: the allocation behind it (for searches, the misclassifying one
+        where there is one).
+      evaluations: forward passes per example.
+      seconds: wall time.
+    """
+
+    accuracy: float
+    broken: np.ndarray
+    worst_loss: np.ndarray
+    bits: np.ndarray
+    evaluations: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """The audit of one model at one budget (numpy arrays over ``B`` examples, ``L`` sites).
+
+    Attributes:
+      site_names: ``L`` site names (``model.site_names`` or ``site0..``).
+      choices, budget: the bit budget audited.
+      num_allocations: the number of budget-feasible allocations.
+      fp_accuracy: full-precision accuracy.
+      fp_correct, fp_loss, fp_margin: per example; the margin is the true-class logit minus the
+        best other logit (negative when FP is wrong).
+      labels: int ``[B]``.
+      methods: :class:`MethodResult` per method run (:data:`METHODS`; ``random`` also yields
+        ``random_search``), in the order run.
+      random_accuracy: expected accuracy under one random feasible allocation (if run).
+      vulnerable: bool ``[B]``: FP-correct and misclassified by some allocation found by any
+        method (all of them, with ``exhaustive``).
+      loss_increase: float32 ``[B]``: worst quantized loss found minus FP loss.
+      breaking_bits: int32 ``[B, L]``: an allocation that misclassifies the example (the
+        highest-loss one found; the worst-loss allocation where none does).
+      min_low_bit_sites: int ``[B]``: with ``exhaustive``, the fewest sites below the budget
+        (``bits < budget``) of any misclassifying allocation; ``-1`` if none or not known.
+      worst_static: with ``exhaustive``, the single allocation (same for every example) with
+        the lowest accuracy: ``{"bits": [...], "accuracy": float}``.
+      skipped: methods not run and why.
+    """
+
+    site_names: tuple[str, ...]
+    choices: tuple[int, ...]
+    budget: float
+    num_allocations: int
+    fp_accuracy: float
+    fp_correct: np.ndarray
+    fp_loss: np.ndarray
+    fp_margin: np.ndarray
+    labels: np.ndarray
+    methods: dict[str, MethodResult]
+    random_accuracy: float | None
+    vulnerable: np.ndarray
+    loss_increase: np.ndarray
+    breaking_bits: np.ndarray
+    min_low_bit_sites: np.ndarray
+    worst_static: dict[str, Any] | None
+    skipped: dict[str, str]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    def ranking(self) -> np.ndarray:
+        """Example indices, most vulnerable first (vulnerable, then by loss increase)."""
+        return np.lexsort((-self.loss_increase, ~self.vulnerable))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready headline numbers (no per-example arrays)."""
+        fp_right = self.fp_correct.astype(bool)
+        return {
+            "num_examples": self.num_examples,
+            "site_names": list(self.site_names),
+            "choices": list(self.choices),
+            "budget": self.budget,
+            "num_allocations": self.num_allocations,
+            "fp_accuracy": self.fp_accuracy,
+            "random_accuracy": self.random_accuracy,
+            "methods": {
+                name: {
+                    "accuracy": m.accuracy,
+                    "drop_points": round(100.0 * (self.fp_accuracy - m.accuracy), 4),
+                    "flip_rate": float(m.broken[fp_right].mean()) if fp_right.any() else 0.0,
+                    "evaluations_per_example": m.evaluations,
+                    "seconds": round(m.seconds, 2),
+                }
+                for name, m in self.methods.items()
+            },
+            "vulnerable_fraction": float(self.vulnerable.mean()),
+            "mean_loss_increase": float(self.loss_increase.mean()),
+            "worst_static": self.worst_static,
+            "skipped": self.skipped,
+        }
+
+
+# Strongest first: where several methods break an example, report the strongest's allocation.
+_STRENGTH = ("exhaustive", "beam", "greedy", "random_search", "policy", "uniform")
+
+
+def _method(tracked: SearchResult, fp_correct: np.ndarray, seconds: float) -> MethodResult:
+    return MethodResult(
+        accuracy=float(np.mean(~tracked.broken)),
+        broken=fp_correct & tracked.broken,
+        worst_loss=tracked.worst_loss,
+        bits=tracked.broken_bits,
+        evaluations=tracked.evaluations,
+        seconds=seconds,
+    )
+
+
+def audit(
+    model: nnx.Module,
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    choices: Sequence[int],
+    budget: float,
+    methods: Sequence[str] = METHODS,
+    max_allocations: int = 5000,
+    beam_width: int = 4,
+    num_moves: int = 8,
+    num_iters: int = 4,
+    num_random: int | None = None,
+    policy_config: PolicyConfig = PolicyConfig(),
+    train_images: ArrayLike | None = None,
+    train_labels: ArrayLike | None = None,
+    seed: int = 0,
+    example_chunk: int = 128,
+    progress: bool = True,
+) -> AuditResult:
+    """Audits a frozen model's worst case under dynamic PTQ at a bit budget.
+
+    Args:
+      model: any ``nnx.Module`` with the ``bits`` interface (``model(x, bits)`` with int
+        ``bits [B, model.num_sites]``, e.g. built from :mod:`ptq_adversary.layers`);
+        ``stages()`` (:data:`models.Stage`) enables prefix sharing in ``exhaustive``.
+      images: float ``[B, H, W, C]``, normalized as the model expects; labels: int ``[B]``.
+      choices: the activation bit-width choices (sorted, unique, in [2, 16]).
+      budget: mean bits per site; every allocation meets it exactly.
+      methods: a subset of :data:`METHODS`.
+      max_allocations: run ``exhaustive`` only if there are at most this many feasible
+        allocations (else it is listed in ``skipped``).
+      beam_width, num_moves, num_iters: the beam search (``greedy`` uses width 1 with the same
+        number of evaluations per example: ``num_moves * beam_width`` moves per iteration).
+      num_random: draws per example for random search; default: the beam's evaluation count,
+        so that the two compare at equal cost.
+      policy_config: the ``policy`` method's REINFORCE training (:class:`PolicyConfig`).
+      train_images, train_labels: data the policy is trained on (default: the audited images,
+        which makes ``policy`` an optimistic, in-sample estimate).
+      seed: seeds every random choice.
+      example_chunk: examples per compiled call.
+      progress: show progress bars.
+
+    Returns:
+      An :class:`AuditResult`.
+
+    Raises:
+      ValueError: bad images or labels (shape, dtype, non-finite values), unknown methods, a
+        model whose ``num_sites`` is missing; :class:`policy.InfeasibleBudgetError` for an
+        infeasible budget.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    num_sites = getattr(model, "num_sites", None)
+    if not isinstance(num_sites, int) or num_sites < 1:
+        raise ValueError("model must have an int num_sites >= 1 (the bits interface)")
+    bud = policy.Budget(tuple(int(c) for c in choices), num_sites, float(budget))
+    graphdef, params, rest = _split_model(model)
+    site_names = tuple(getattr(model, "site_names", None) or (f"site{i}" for i in range(num_sites)))
+    fp_logits = model(jnp.asarray(np.asarray(images[:1], np.float32)))
+    images, labels = _check_inputs(images, labels, num_classes=int(fp_logits.shape[-1]))
+
+    fp = [
+        _fp_eval(
+            graphdef,
+            params,
+            rest,
+            jnp.asarray(images[i : i + 512]),
+            jnp.asarray(labels[i : i + 512]),
+        )
+        for i in range(0, len(images), 512)
+    ]
+    fp_loss, fp_correct, fp_margin = (
+        np.concatenate([np.asarray(f[k]) for f in fp]) for k in range(3)
+    )
+    fp_correct = fp_correct.astype(bool)
+    n_alloc = policy.num_allocations(bud)
+    results: dict[str, MethodResult] = {}
+    skipped: dict[str, str] = {}
+    random_accuracy = None
+    worst_static = None
+    min_low = np.full(len(labels), -1, np.int64)
+    search_evals = 1 + num_iters * beam_width * num_moves
+
+    for name in [m for m in METHODS if m in methods]:
+        t0 = time.perf_counter()
+        if name == "uniform":
+            bits = np.broadcast_to(
+                np.asarray(policy.to_bits(policy.uniform_allocation(bud), bud)),
+                (len(labels), num_sites),
+            )
+            loss, correct = evaluate_allocations(model, images, labels, bits)
+            results[name] = MethodResult(
+                float(correct.mean()),
+                fp_correct & ~correct,
+                loss,
+                np.asarray(bits),
+                1,
+                time.perf_counter() - t0,
+            )
+        elif name == "random":
+            found = random_search(
+                model,
+                images,
+                labels,
+                bud,
+                seed=seed,
+                num_samples=num_random or search_evals,
+                example_chunk=example_chunk,
+            )
+            random_accuracy = float(found.mean_correct.mean())
+            results["random_search"] = _method(found, fp_correct, time.perf_counter() - t0)
+        elif name in ("greedy", "beam"):
+            width = 1 if name == "greedy" else beam_width
+            moves = num_moves * beam_width // width  # equal evaluations for greedy and beam
+            found = beam_search(
+                model,
+                images,
+                labels,
+                bud,
+                width=width,
+                num_moves=moves,
+                num_iters=num_iters,
+                seed=seed,
+                example_chunk=example_chunk,
+            )
+            results[name] = _method(found, fp_correct, time.perf_counter() - t0)
+        elif name == "policy":
+            tx = images if train_images is None else train_images
+            ty = labels if train_labels is None else train_labels
+            net = train_policy(model, tx, ty, bud, policy_config, seed=seed, progress=progress)
+            bits = policy_allocations(net, images, bud)
+            loss, correct = evaluate_allocations(model, images, labels, bits)
+            results[name] = MethodResult(
+                float(correct.mean()),
+                fp_correct & ~correct,
+                loss,
+                bits,
+                1,
+                time.perf_counter() - t0,
+            )
+        elif name == "exhaustive":
+            if n_alloc > max_allocations:
+                skipped[name] = (
+                    f"{n_alloc} feasible allocations exceed max_allocations={max_allocations}"
+                )
+                continue
+            allocs = np.asarray(policy.to_bits(policy.enumerate_allocations(bud, n_alloc), bud))
+            loss, correct = exhaustive(model, images, labels, allocs, example_chunk=example_chunk)
+            tracker = _Tracker(len(labels), num_sites)
+            per_example = np.broadcast_to(allocs[:, None], (*loss.shape, num_sites))
+            tracker.update(loss, correct, per_example)
+            results[name] = _method(tracker.result(), fp_correct, time.perf_counter() - t0)
+            low = (allocs < bud.budget).sum(axis=1)  # [N] sites below the budget
+            flips = ~correct & fp_correct[None]
+            counts = np.where(flips, low[:, None], np.iinfo(np.int64).max).min(axis=0)
+            min_low = np.where(flips.any(axis=0), counts, -1)
+            per_alloc = correct.mean(axis=1)
+            worst = int(np.argmin(per_alloc))
+            worst_static = {"bits": allocs[worst].tolist(), "accuracy": float(per_alloc[worst])}
+
+    vulnerable = np.any([m.broken for m in results.values()], axis=0)
+    worst_loss = np.max([m.worst_loss for m in results.values()], axis=0)
+    # Per example, the allocation from the strongest method that broke it (else the strongest
+    # method's worst-loss allocation).
+    by_strength = [results[k] for k in _STRENGTH if k in results]
+    breaking = by_strength[0].bits.copy()
+    for m in reversed(by_strength):
+        breaking = np.where(m.broken[:, None], m.bits, breaking)
+    return AuditResult(
+        site_names=site_names,
+        choices=bud.choices,
+        budget=bud.budget,
+        num_allocations=n_alloc,
+        fp_accuracy=float(fp_correct.mean()),
+        fp_correct=fp_correct,
+        fp_loss=fp_loss,
+        fp_margin=fp_margin,
+        labels=labels,
+        methods=results,
+        random_accuracy=random_accuracy,
+        vulnerable=vulnerable,
+        loss_increase=(worst_loss - fp_loss).astype(np.float32),
+        breaking_bits=breaking,
+        min_low_bit_sites=min_low,
+        worst_static=worst_static,
+        skipped=skipped,
+    )
+
+
+# ------------------------------------------------------------------------------- report
+_METHOD_LABELS = {
+    "uniform": "uniform (static)",
+    "random_search": "random search",
+    "greedy": "greedy search",
+    "beam": "beam search",
+    "policy": "learned policy",
+    "exhaustive": "exhaustive (oracle)",
+}
+
+
+def write_report(
+    result: AuditResult, out_dir: str, *, title: str = "DPTQ audit", top: int = 20
+) -> dict[str, str]:
+    """Writes an audit as ``audit.json``, ``methods.csv``, ``examples.csv``, ``summary.md`` and
+    PNG plots into ``out_dir`` (each file written atomically).
+
+    Args:
+      result: from :func:`audit`.
+      out_dir: created if missing.
+      title: the markdown heading.
+      top: how many of the most vulnerable examples the summary lists.
+
+    Returns:
+      ``{kind: path}`` of the files written.
+    """
+    import os  # noqa: PLC0415
+
+    from ptq_adversary import metrics  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        k: os.path.join(out_dir, f)
+        for k, f in (
+            ("json", "audit.json"),
+            ("methods_csv", "methods.csv"),
+            ("examples_csv", "examples.csv"),
+            ("markdown", "summary.md"),
+            ("accuracy_png", "accuracy_by_method.png"),
+            ("margin_png", "vulnerability_vs_margin.png"),
+            ("bits_png", "breaking_bits.png"),
+        )
+    }
+    summary = result.summary()
+    metrics.write_json_atomic(paths["json"], summary)
+
+    rows = ["method,accuracy,drop_points,flip_rate,evaluations_per_example,seconds"]
+    for name, m in summary["methods"].items():
+        rows.append(
+            f"{name},{m['accuracy']:.6f},{m['drop_points']:.4f},{m['flip_rate']:.6f},"
+            f"{m['evaluations_per_example']},{m['seconds']}"
+        )
+    metrics.write_text_atomic(paths["methods_csv"], "\n".join(rows) + "\n")
+
+    site_cols = ",".join(f"bits_{s}" for s in result.site_names)
+    rows = [
+        f"index,rank,label,fp_correct,fp_margin,fp_loss,loss_increase,vulnerable,"
+        f"min_low_bit_sites,{site_cols}"
+    ]
+    rank = np.empty(result.num_examples, np.int64)
+    rank[result.ranking()] = np.arange(result.num_examples)
+    for i in range(result.num_examples):
+        bits = ",".join(str(int(b)) for b in result.breaking_bits[i])
+        rows.append(
+            f"{i},{rank[i]},{int(result.labels[i])},{int(result.fp_correct[i])},"
+            f"{result.fp_margin[i]:.5f},{result.fp_loss[i]:.5f},"
+            f"{result.loss_increase[i]:.5f},{int(result.vulnerable[i])},"
+            f"{int(result.min_low_bit_sites[i])},{bits}"
+        )
+    metrics.write_text_atomic(paths["examples_csv"], "\n".join(rows) + "\n")
+
+    metrics.write_text_atomic(paths["markdown"], _markdown(result, summary, title, top))
+    _plots(result, paths)
+    return paths
+
+
+def _markdown(result: AuditResult, summary: dict[str, Any], title: str, top: int) -> str:
+    fp = summary["fp_accuracy"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{result.num_examples} examples; sites {', '.join(result.site_names)}; activation "
+        f"bit choices {list(result.choices)} at a mean budget of {result.budget:g} bits "
+        f"({result.num_allocations} feasible allocations). Full precision: {fp:.2%}.",
+        "",
+        "| method | accuracy | drop (pts) | FP-correct flipped | evaluations / example | "
+        "time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in summary["methods"].items():
+        lines.append(
+            f"| {_METHOD_LABELS.get(name, name)} | {m['accuracy']:.2%} | "
+            f"{m['drop_points']:.2f} | {m['flip_rate']:.2%} | "
+            f"{m['evaluations_per_example']} | {m['seconds']:.1f} |"
+        )
+    lines.append("")
+    if summary["random_accuracy"] is not None:
+        lines.append(
+            f"One random feasible allocation per example: {summary['random_accuracy']:.2%}"
+            " accuracy (expected over the draws)."
+        )
+    if result.worst_static is not None:
+        lines.append(
+            f"Worst single allocation for all examples: bits {result.worst_static['bits']}"
+            f" -> {result.worst_static['accuracy']:.2%}."
+        )
+    for name, why in result.skipped.items():
+        lines.append(f"Skipped `{name}`: {why}.")
+    vul = result.vulnerable
+    lines += [
+        "",
+        f"Vulnerable (FP-correct, broken by some allocation found): {vul.mean():.2%} of "
+        f"examples; mean loss increase {result.loss_increase.mean():.3f} nats.",
+    ]
+    known = result.min_low_bit_sites >= 0
+    if known.any():
+        counts = np.bincount(result.min_low_bit_sites[known], minlength=len(result.site_names) + 1)
+        parts = ", ".join(f"{k}: {c}" for k, c in enumerate(counts) if c)
+        lines.append(
+            f"Fewest sites below the budget that break a vulnerable example "
+            f"(count of examples): {parts}."
+        )
+    lines += [
+        "",
+        f"## The {top} most vulnerable examples",
+        "",
+        f"| index | label | FP margin | loss increase | breaking bits "
+        f"({', '.join(result.site_names)}) |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for i in result.ranking()[:top]:
+        lines.append(
+            f"| {i} | {result.labels[i]} | {result.fp_margin[i]:.2f} | "
+            f"{result.loss_increase[i]:.2f} | {result.breaking_bits[i].tolist()} |"
+        )
+    lines += [
+        "",
+        "Files: `audit.json`, `methods.csv`, `examples.csv` (every example),",
+        "`accuracy_by_method.png`, `vulnerability_vs_margin.png`, `breaking_bits.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plots(result: AuditResult, paths: dict[str, str]) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = list(result.methods)
+    acc = [100 * result.methods[n].accuracy for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    bars = ax.barh([_METHOD_LABELS.get(n, n) for n in names], acc, color="tab:red")
+    ax.axvline(100 * result.fp_accuracy, color="k", ls="--", label="full precision")
+    ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    ax.set_xlabel("test accuracy under DPTQ (%)")
+    ax.set_xlim(0, 105)
+    ax.invert_yaxis()
+    ax.set_title(f"Accuracy by allocation method (budget {result.budget:g} bits)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["accuracy_png"], dpi=130)
+    plt.close(fig)
+
+    right = result.fp_correct.astype(bool)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if right.sum() >= 10:
+        margins = result.fp_margin[right]
+        edges = np.quantile(margins, np.linspace(0, 1, 11))
+        decile = np.clip(np.searchsorted(edges, margins, side="right") - 1, 0, 9)
+        for name in names:
+            broken = result.methods[name].broken[right]
+            rate = [
+                100 * broken[decile == d].mean() if (decile == d).any() else np.nan
+                for d in range(10)
+            ]
+            ax.plot(np.arange(1, 11), rate, marker="o", label=_METHOD_LABELS.get(name, name))
+    ax.set_xlabel("FP margin decile (1 = smallest logit margin)")
+    ax.set_ylabel("FP-correct examples flipped (%)")
+    ax.set_xticks(np.arange(1, 11))
+    ax.set_ylim(-2, 102)
+    ax.set_title("Who breaks: flip rate vs full-precision margin")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["margin_png"], dpi=130)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    vul = result.vulnerable
+    width = 0.8 / len(result.choices)
+    for k, c in enumerate(result.choices):
+        frac = [
+            100 * np.mean(result.breaking_bits[vul, s] == c) if vul.any() else 0.0
+            for s in range(len(result.site_names))
+        ]
+        ax.bar(
+            np.arange(len(result.site_names)) + (k - len(result.choices) / 2 + 0.5) * width,
+            frac,
+            width,
+            label=f"{c} bits",
+        )
+    ax.set_xticks(np.arange(len(result.site_names)), result.site_names)
+    ax.set_xlabel("quantization site (forward order)")
+    ax.set_ylabel("breaking allocations (%)")
+    ax.set_title(
+        f"Bits per site in the allocations that break the {int(vul.sum())} vulnerable examples",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths["bits_png"], dpi=130)
+    plt.close(fig)
