@@ -408,7 +408,12 @@ def _neighbours(key, idx_wbl, budget: policy.Budget, num_moves: int):
     Returns:
       int32 ``[W * num_moves, B, L]`` choice indices.
     """
-    mi, mj, mk = (jnp.asarray(a) for a in _moves(budget))
+    mi, mj, mk = _moves(budget)
+    real = np.arange(max(num_moves, len(mi))) < len(mi)  # pad with never-feasible moves
+    mi, mj, mk = (
+        jnp.asarray(np.resize(a, len(real)) if len(a) else np.zeros(len(real), np.int32))
+        for a in (mi, mj, mk)
+    )
     choices = jnp.asarray(budget.choices, jnp.int32)
     # value -> choice index (or -1) for values 0 .. 2 * max.
     table = -jnp.ones(2 * budget.choices[-1] + 1, jnp.int32)
@@ -419,7 +424,7 @@ def _neighbours(key, idx_wbl, budget: policy.Budget, num_moves: int):
     new_j_idx = jnp.where(
         (new_j >= 0) & (new_j < table.shape[0]), table[jnp.clip(new_j, 0, table.shape[0] - 1)], -1
     )
-    feasible = (new_j_idx >= 0) & (mk != idx_wbl[..., mi])
+    feasible = (new_j_idx >= 0) & (mk != idx_wbl[..., mi]) & jnp.asarray(real)
     gumbel = jax.random.gumbel(key, feasible.shape)
     score = jnp.where(feasible, gumbel, -jnp.inf)
     top_score, top = jax.lax.top_k(score, num_moves)  # [W, B, M]
@@ -845,8 +850,9 @@ def audit(
     bud = policy.Budget(tuple(int(c) for c in choices), num_sites, float(budget))
     graphdef, params, rest = _split_model(model)
     site_names = tuple(getattr(model, "site_names", None) or (f"site{i}" for i in range(num_sites)))
-    fp_logits = model(jnp.asarray(np.asarray(images[:1], np.float32)))
-    images, labels = _check_inputs(images, labels, num_classes=int(fp_logits.shape[-1]))
+    images, labels = _check_inputs(images, labels)
+    num_classes = jax.eval_shape(lambda x: model(x), jnp.asarray(images[:1])).shape[-1]
+    _check_inputs(images, labels, num_classes=num_classes)
 
     fp = [
         _fp_eval(

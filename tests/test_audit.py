@@ -1,0 +1,273 @@
+"""The audit: prefix-shared enumeration is exact, searches are feasible and bounded by the
+exact worst case, any model with the bits interface can be audited, bad input is rejected."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, load_config, requires_fashion_mnist
+from flax import nnx
+
+from ptq_adversary import audit, config_lib, layers, models, policy
+
+CHOICES = (2, 3, 4, 5, 6, 8)
+
+
+def _images(n=12, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, size, size, 1)).astype(np.float32), np.arange(n) % 10
+
+
+def _cnn(seed=0):
+    return models.create_model(
+        "cnn", num_classes=10, in_channels=1, rngs=nnx.Rngs(seed), widths=(4, 8, 8, 8)
+    )
+
+
+def _all_bits(budget):
+    return np.asarray(policy.to_bits(policy.enumerate_allocations(budget), budget))
+
+
+class NoStages(nnx.Module):
+    """A user's own model from the package's layers, without ``stages()``: two convs, head."""
+
+    def __init__(self, rngs):
+        self.conv1 = layers.ConvBN(1, 4, 3, strides=2, quantize_input=False, rngs=rngs)
+        self.conv2 = layers.ConvBN(4, 8, 3, strides=2, name="mid", rngs=rngs)
+        self.head = layers.QDense(8, 10, name="out", rngs=rngs)
+        self.num_sites = 2
+        self.site_names = ("mid", "out")
+
+    def __call__(self, x, bits=None, *, train=False, frozen_bn=False):
+        b = layers.split_bits(bits, [self.conv1, self.conv2, self.head])
+        y = self.conv1(x, b[0], train=train, frozen_bn=frozen_bn)
+        y = self.conv2(y, b[1], train=train, frozen_bn=frozen_bn)
+        return self.head(jnp.mean(y, axis=(1, 2)), b[2])
+
+
+def test_prefix_tree_groups_shared_prefixes():
+    allocs = np.array([[2, 2, 8], [2, 4, 6], [2, 4, 4], [4, 2, 6]])
+    levels, order = audit.prefix_tree(allocs, [0, 1, 2])
+    assert [len(lv.parent) for lv in levels] == [1, 2, 4]
+    assert levels[0].bits.shape == (1, 0)
+    # Rebuild every allocation by walking up the tree from its leaf.
+    for n, leaf in enumerate(order):
+        l2 = levels[2]
+        p1 = l2.parent[leaf]
+        rebuilt = [*levels[1].bits[p1], *l2.bits[leaf]]
+        assert rebuilt == allocs[n].tolist()
+    with pytest.raises(ValueError, match="stages cover 2 sites"):
+        audit.prefix_tree(allocs, [1, 1])
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("cnn", {"widths": (4, 8, 8, 8)}),
+        ("teacher_cnn", {"widths": (4, 8, 8, 8), "hidden": 8}),  # fc stage
+        ("resnet20", {"width": 0.25}),
+        ("wrn16_4", {"width": 0.125}),
+    ],
+)
+def test_stages_compose_to_the_model(name, kwargs):
+    model = models.create_model(name, num_classes=10, in_channels=1, rngs=nnx.Rngs(1), **kwargs)
+    stages = model.stages()
+    assert sum(k for k, _ in stages) == model.num_sites
+    x, _ = _images(4, 16)
+    bits = np.random.default_rng(0).choice(CHOICES, size=(4, model.num_sites)).astype(np.int32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def composed(state, x, bits):
+        y, start = x, 0
+        for k, fn in nnx.merge(graphdef, state).stages():
+            y = fn(y, bits[:, start : start + k])
+            start += k
+        return y
+
+    direct = jax.jit(lambda state, x, bits: nnx.merge(graphdef, state)(x, bits))
+    np.testing.assert_array_equal(composed(state, x, bits), direct(state, x, bits))
+
+
+def test_exhaustive_prefix_sharing_equals_naive_exactly():
+    model = _cnn()
+    x, y = _images(10)
+    budget = policy.Budget(CHOICES, model.num_sites, 4.0)
+    allocs = _all_bits(budget)
+    kw = dict(example_chunk=4, row_chunk=8)  # padded last chunk, several row chunks
+    shared = audit.exhaustive(model, x, y, allocs, **kw)
+    naive = audit.exhaustive(model, x, y, allocs, prefix_sharing=False, **kw)
+    np.testing.assert_array_equal(shared[0], naive[0])
+    np.testing.assert_array_equal(shared[1], naive[1])
+    # ...and both equal one plain model call per allocation (to float32 reduction order).
+    for n in (0, 37, len(allocs) - 1):
+        logits = model(jnp.asarray(x), np.broadcast_to(allocs[n], (len(x), model.num_sites)))
+        log_p = np.asarray(jax.nn.log_softmax(logits))
+        loss = -np.take_along_axis(log_p, y[:, None], 1)[:, 0]
+        np.testing.assert_allclose(shared[0][n], loss, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(shared[1][n], np.argmax(logits, -1) == y)
+
+
+def test_exhaustive_without_stages_falls_back_to_one_pass_per_allocation():
+    model = NoStages(nnx.Rngs(0))
+    x, y = _images(6)
+    allocs = np.array([[2, 8], [4, 6], [8, 2]], np.int32)
+    loss, correct = audit.exhaustive(model, x, y, allocs)
+    for n, a in enumerate(allocs):
+        logits = np.asarray(model(jnp.asarray(x), np.broadcast_to(a, (6, 2))))
+        np.testing.assert_array_equal(correct[n], logits.argmax(-1) == y)
+        assert loss.shape == (3, 6)
+
+
+def _feasible(bits, budget):
+    return np.all(np.isin(bits, budget.choices)) and np.all(bits.sum(-1) == budget.total)
+
+
+def test_neighbours_are_feasible_and_move_two_sites():
+    budget = policy.Budget(CHOICES, 4, 4.0)
+    start = np.broadcast_to(policy.uniform_allocation(budget), (2, 3, 4))
+    cand = np.asarray(audit._neighbours(jax.random.key(0), jnp.asarray(start), budget, 5))
+    assert cand.shape == (10, 3, 4)
+    values = np.asarray(budget.choices)[cand]
+    assert _feasible(values, budget)
+    changed = (cand != start[0][None]).sum(-1)
+    assert np.all(changed == 2)  # the uniform allocation has > 5 feasible moves
+
+
+@pytest.fixture(scope="module")
+def tiny_audit():
+    model = _cnn(seed=3)
+    x, y = _images(16, seed=1)
+    result = audit.audit(
+        model, x, y, choices=CHOICES, budget=4.0, num_iters=2, beam_width=2, num_moves=3,
+        policy_config=audit.PolicyConfig(steps=2, batch_size=8, num_samples=2, widths=(4,)),
+        example_chunk=8, progress=False,
+    )  # fmt: skip
+    return model, x, y, result
+
+
+def test_audit_searches_are_bounded_by_the_exact_worst_case(tiny_audit):
+    model, x, y, r = tiny_audit
+    budget = policy.Budget(CHOICES, model.num_sites, 4.0)
+    exact = r.methods["exhaustive"]
+    assert exact.evaluations == r.num_allocations == policy.num_allocations(budget)
+    for name in ("random_search", "greedy", "beam", "uniform", "policy"):
+        m = r.methods[name]
+        assert np.all(m.worst_loss <= exact.worst_loss + 1e-5), name
+        assert not np.any(m.broken & ~exact.broken), name  # nothing the oracle misses
+        assert m.accuracy >= exact.accuracy, name
+        assert _feasible(m.bits, budget), name
+    assert r.methods["greedy"].evaluations == r.methods["beam"].evaluations == 1 + 2 * 2 * 3
+    assert r.methods["random_search"].evaluations == 13  # equal cost by default
+    # The reported breaking allocation really breaks each vulnerable example.
+    loss, correct = audit.evaluate_allocations(model, x, y, r.breaking_bits)
+    np.testing.assert_array_equal(~correct & r.fp_correct, r.vulnerable)
+    # Fewest low-bit sites: consistent with the breaking allocations of the oracle.
+    vul = r.vulnerable
+    assert np.all((r.min_low_bit_sites >= 0) == vul)
+    assert np.all(r.min_low_bit_sites[vul] <= (r.breaking_bits[vul] < 4).sum(-1))
+
+
+def test_audit_ranking_puts_vulnerable_first(tiny_audit):
+    *_, r = tiny_audit
+    rank = r.ranking()
+    k = int(r.vulnerable.sum())
+    assert np.all(r.vulnerable[rank[:k]]) and not np.any(r.vulnerable[rank[k:]])
+    assert np.all(np.diff(r.loss_increase[rank[:k]]) <= 0)
+
+
+def test_audit_report_files(tiny_audit, tmp_path):
+    *_, r = tiny_audit
+    paths = audit.write_report(r, str(tmp_path), title="tiny")
+    for p in paths.values():
+        assert os.path.getsize(p) > 0, p
+    summary = json.loads((tmp_path / "audit.json").read_text())
+    assert set(summary["methods"]) == set(r.methods)
+    rows = (tmp_path / "examples.csv").read_text().splitlines()
+    assert len(rows) == 1 + r.num_examples and rows[0].endswith("bits_head")
+    assert "exhaustive (oracle)" in (tmp_path / "summary.md").read_text()
+
+
+def test_audit_custom_model_without_stages():
+    model = NoStages(nnx.Rngs(2))
+    x, y = _images(8)
+    methods = ("uniform", "greedy", "exhaustive")
+    r = audit.audit(model, x, y, choices=(2, 4, 6, 8), budget=5.0, methods=methods, num_iters=1,
+                    num_moves=40, progress=False)  # fmt: skip
+    assert r.site_names == ("mid", "out")
+    assert r.num_allocations == 4  # (2, 8), (4, 6), (6, 4), (8, 2)
+    assert set(r.methods) == {"uniform", "greedy", "exhaustive"}
+    assert np.all(r.methods["greedy"].worst_loss <= r.methods["exhaustive"].worst_loss + 1e-5)
+
+
+def test_exhaustive_is_skipped_above_the_limit():
+    model = _cnn()
+    x, y = _images(4)
+    r = audit.audit(model, x, y, choices=CHOICES, budget=4.0, methods=("uniform", "exhaustive"),
+                    max_allocations=10, progress=False)  # fmt: skip
+    assert "exhaustive" not in r.methods and "109" in r.skipped["exhaustive"]
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda x, y: (x * np.nan, y), "NaN or inf"),
+        (lambda x, y: (x[..., 0], y), r"images must be \[B, H, W, C\]"),
+        (lambda x, y: (x, y[:-1]), r"labels must be \[B\]"),
+        (lambda x, y: ((x * 255).astype(np.uint8), y), "images must be float"),
+        (lambda x, y: (x, y + 10), r"labels must be in \[0, 10\)"),
+    ],
+    ids=["nan", "rank", "labels-shape", "uint8", "label-range"],
+)
+def test_audit_rejects_bad_data(change, match):
+    x, y = change(*_images(4))
+    with pytest.raises(ValueError, match=match):
+        audit.audit(_cnn(), x, y, choices=CHOICES, budget=4.0, methods=("uniform",))
+
+
+def test_audit_rejects_bad_settings():
+    x, y = _images(4)
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        audit.audit(_cnn(), x, y, choices=CHOICES, budget=4.0, methods=("oracle",))
+    with pytest.raises(policy.InfeasibleBudgetError):
+        audit.audit(_cnn(), x, y, choices=CHOICES, budget=1.0, methods=("uniform",))
+
+
+def test_audit_config_validates_and_rejects_bad_fields():
+    config = load_config(REPO / "configs" / "audit.py", "smoke")
+    config_lib.validate(config)
+    for field, value, match in [
+        ("audit.methods", ("uniform", "oracle"), "audit.methods"),
+        ("source.kind", "pair", "source.kind"),
+        ("audit.num_moves", 0, "audit.num_moves"),
+        ("audit.choices", (4, 2), "audit.choices"),
+    ]:
+        bad = load_config(REPO / "configs" / "audit.py", "smoke")
+        with bad.unlocked():
+            section, key = field.rsplit(".", 1)
+            bad[section][key] = value
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.validate(bad)
+
+
+@requires_fashion_mnist
+@pytest.mark.integration
+def test_audit_command_smoke(tmp_path):
+    from ptq_adversary.trainers import audit as audit_trainer
+
+    config = load_config(REPO / "configs" / "audit.py", "smoke")
+    summary = audit_trainer.run_audit(config, str(tmp_path))
+    assert summary["num_examples"] == 64 and summary["num_allocations"] == 109
+    for name in ("audit.json", "examples.csv", "summary.md", "results.json",
+                 "accuracy_by_method.png"):  # fmt: skip
+        assert (tmp_path / name).exists(), name
+    # A missing pipeline source is a config error naming the field, before any work.
+    with config.unlocked():
+        config.source.kind = "student"
+        config.source.pipeline_dir = str(tmp_path / "nowhere")
+    with pytest.raises(config_lib.ConfigError, match="source.pipeline_dir"):
+        audit_trainer.run_audit(config, str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()
