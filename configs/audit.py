@@ -12,7 +12,7 @@ Args (``--config=configs/audit.py:source=robust,pipeline=DIR,examples=2000``):
     ``robust`` or ``detrimental`` (a pair's selected network), or ``fresh`` (train a ``cnn``
     here with configs/fmnist_cnn.py's recipe first).
   pipeline: the pipeline workdir holding the source (default runs/fmnist_pair).
-  examples: how many test images to audit (default 2000, the first ones of the test split).
+  examples: how many test images to audit (default 1000, the first ones of the test split).
   budget: mean activation bits per site (default 4, the pipeline's).
 
 Methods: uniform, random (one draw, and random search), greedy and beam search, the learned
@@ -30,7 +30,7 @@ from ptq_adversary import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(
-        arg, smoke=False, source="student", pipeline="runs/fmnist_pair", examples=2000, budget=4.0
+        arg, smoke=False, source="student", pipeline="runs/fmnist_pair", examples=1000, budget=4.0
     )
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fmnist_cnn.py")
     base = config_lib.load_config_file(path, "smoke,model=cnn" if arg.smoke else "model=cnn")

@@ -143,36 +143,35 @@ def _stage_sites(model: nnx.Module) -> list[int] | None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _tree_forward(graphdef, row_chunk, params, rest, images, labels, parents, bits, order):
-    """Loss and correct ``[N, B]`` of every allocation, stage by stage along a prefix tree.
-
-    Level ``s`` computes ``stage_s(h_{s-1}[parent], bits)`` for each of its rows, in chunks of
-    ``row_chunk`` rows (``lax.map``) so that a conv sees at most ``row_chunk x B`` inputs.
-    """
-    model = nnx.merge(graphdef, params, rest)
-    batch = images.shape[0]
-    h = images[None]
-    for (_, fn), parent, level_bits in zip(model.stages(), parents, bits, strict=True):
-
-        def row(args, h=h, fn=fn):
-            p, b = args
-            return fn(h[p], jnp.broadcast_to(b, (batch, b.shape[0])))
-
-        h = jax.lax.map(row, (parent, level_bits), batch_size=min(row_chunk, len(parent)))
-    return jax.vmap(lambda lg: _loss_and_correct(lg, labels))(h[order])
+def _stage_call(graphdef, index, params, rest, h, bits_k):
+    """Stage ``index`` on ``h [B, ...]`` with the same bits ``[k]`` for every example."""
+    fn = nnx.merge(graphdef, params, rest).stages()[index][1]
+    return fn(h, jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0])))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _naive_forward(graphdef, params, rest, images, labels, chunk, allocations):
-    """One full forward pass per allocation (``lax.map`` in chunks): loss, correct ``[N, B]``."""
-    batch = images.shape[0]
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _stage_rows(graphdef, index, params, rest, h_rb, bits_rk):
+    """:func:`_stage_call` vmapped over ``R`` prefixes: ``h [R, B, ...]``, bits ``[R, k]``."""
+    fn = lambda h, b: _stage_call(graphdef, index, params, rest, h, b)
+    return jax.vmap(fn)(h_rb, bits_rk)
 
-    def one(bits_l):
-        bits = jnp.broadcast_to(bits_l, (batch, bits_l.shape[0]))
-        logits, _ = apply_model(graphdef, params, rest, images, bits)
-        return _loss_and_correct(logits, labels)
 
-    return jax.lax.map(one, allocations, batch_size=min(chunk, len(allocations)))
+@functools.partial(jax.jit, static_argnums=(0,))
+def _model_call(graphdef, params, rest, images, bits_l):
+    """The whole model under one allocation ``bits [L]`` for every example: logits."""
+    bits = jnp.broadcast_to(bits_l, (images.shape[0], bits_l.shape[0]))
+    return apply_model(graphdef, params, rest, images, bits)[0]
+
+
+@jax.jit
+def _losses(logits_nbc, labels):
+    return jax.vmap(lambda lg: _loss_and_correct(lg, labels))(logits_nbc)
+
+
+def _default_row_chunk() -> int:
+    # XLA:CPU runs a conv on B examples faster per example than on R x B (experiments/
+    # bench_enumeration.py), so on CPU every prefix is its own call; accelerators like width.
+    return 1 if jax.default_backend() == "cpu" else 16
 
 
 def exhaustive(
@@ -182,24 +181,29 @@ def exhaustive(
     allocations: ArrayLike,
     *,
     prefix_sharing: bool = True,
-    example_chunk: int = 64,
-    row_chunk: int = 8,
+    example_chunk: int = 256,
+    row_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Evaluates every allocation on every example (network frozen, inference mode).
 
+    With ``model.stages()`` the allocations are grouped into a prefix tree
+    (:func:`prefix_tree`) and the tree is computed level by level: level ``s`` applies stage
+    ``s`` once per distinct prefix of the sites up to its end, to its parent prefix's
+    activation. For the default ``cnn`` at choices {2,3,4,5,6,8} and budget 4 that is 1, 6,
+    31, 109 and 109 stage calls instead of 109 full forward passes.
+
     Args:
       model: a model with the ``bits`` interface (``model(x, bits)``); with ``stages()`` for
-        prefix sharing.
+        prefix sharing, else one full forward pass per allocation.
       images: float ``[B, H, W, C]``, as the model expects them (normalized).
       labels: int ``[B]``.
       allocations: int ``[N, L]`` bit-widths (the same allocation for every example).
-      prefix_sharing: share the work of common prefixes (needs ``model.stages()``). ``False``
-        runs the same stages with every allocation computing every stage (the naive
-        per-allocation reference, bit-identical in its results).
-      example_chunk: examples per compiled call (bounds memory: the widest level of the prefix
-        tree holds ``N x example_chunk`` activations). The last chunk is padded.
-      row_chunk: prefixes (allocations) per vmapped pass within a level, so that a layer sees
-        at most ``row_chunk x example_chunk`` inputs at once.
+      prefix_sharing: share the work of common prefixes. ``False`` runs the same stage calls
+        with every allocation computing every stage: the naive per-allocation reference,
+        bit-identical in its results (tested).
+      example_chunk: examples per call (memory: a level holds its prefixes' activations for
+        this many examples). The last chunk is padded.
+      row_chunk: prefixes per call within a level (vmapped); ``None``: 1 on CPU, 16 elsewhere.
 
     Returns:
       ``(loss, correct)``: float32 and bool numpy ``[N, B]``.
@@ -208,10 +212,14 @@ def exhaustive(
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     allocations = np.asarray(allocations, np.int32)
+    row_chunk = row_chunk or _default_row_chunk()
     sites = _stage_sites(model)
     if sites is None:  # no stages(): one forward pass per allocation through the model
-        alloc = jnp.asarray(allocations)
-        run = lambda x, y: _naive_forward(graphdef, params, rest, x, y, row_chunk, alloc)
+        alloc = [jnp.asarray(a) for a in allocations]
+
+        def run(x, y):
+            return _losses(jnp.stack([_model_call(graphdef, params, rest, x, a) for a in alloc]), y)
+
         return _chunked_over_examples(run, images, labels, example_chunk)
     if prefix_sharing:
         levels, order = prefix_tree(allocations, sites)
@@ -225,11 +233,23 @@ def exhaustive(
             for i in range(len(sites))
         ]
         order = np.arange(n, dtype=np.int32)
-    parents = tuple(jnp.asarray(lv.parent) for lv in levels)
-    bits = tuple(jnp.asarray(lv.bits) for lv in levels)
-    run = lambda x, y: _tree_forward(
-        graphdef, row_chunk, params, rest, x, y, parents, bits, jnp.asarray(order)
-    )
+
+    def run(x, y):
+        h = [x]  # one activation [B, ...] per prefix of the previous level; root: the images
+        for index, level in enumerate(levels):
+            bits = [jnp.asarray(b) for b in level.bits]
+            if row_chunk == 1:
+                h = [_stage_call(graphdef, index, params, rest, h[p], b)
+                     for p, b in zip(level.parent, bits, strict=True)]  # fmt: skip
+                continue
+            out = []
+            for r0 in range(0, len(level.parent), row_chunk):
+                h_in = jnp.stack([h[p] for p in level.parent[r0 : r0 + row_chunk]])
+                out.extend(_stage_rows(graphdef, index, params, rest, h_in,
+                                       jnp.stack(bits[r0 : r0 + row_chunk])))  # fmt: skip
+            h = out
+        return _losses(jnp.stack([h[i] for i in order]), y)
+
     return _chunked_over_examples(run, images, labels, example_chunk)
 
 

@@ -92,12 +92,13 @@ def test_stages_compose_to_the_model(name, kwargs):
     np.testing.assert_array_equal(composed(state, x, bits), direct(state, x, bits))
 
 
-def test_exhaustive_prefix_sharing_equals_naive_exactly():
+@pytest.mark.parametrize("row_chunk", [1, 8])
+def test_exhaustive_prefix_sharing_equals_naive_exactly(row_chunk):
     model = _cnn()
     x, y = _images(10)
     budget = policy.Budget(CHOICES, model.num_sites, 4.0)
     allocs = _all_bits(budget)
-    kw = dict(example_chunk=4, row_chunk=8)  # padded last chunk, several row chunks
+    kw = dict(example_chunk=4, row_chunk=row_chunk)  # padded last chunk; rows one by one or vmapped
     shared = audit.exhaustive(model, x, y, allocs, **kw)
     naive = audit.exhaustive(model, x, y, allocs, prefix_sharing=False, **kw)
     np.testing.assert_array_equal(shared[0], naive[0])
