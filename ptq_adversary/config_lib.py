@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -132,14 +133,16 @@ def _positive(kind: type) -> Callable[[Any], str | None]:
             ok_type = isinstance(v, int | float) and not isinstance(v, bool)
         if not ok_type:
             return f"must be a {kind.__name__} > 0, got {v!r}"
+        if not math.isfinite(v):
+            return f"must be a finite number > 0, got {v!r}"
         return None if v > 0 else f"must be > 0, got {v!r}"
 
     return check
 
 
 def _non_negative(v: Any) -> str | None:
-    if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-        return f"must be a number >= 0, got {v!r}"
+    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < math.inf:
+        return f"must be a finite number >= 0, got {v!r}"
     return None
 
 
@@ -173,11 +176,17 @@ def _fraction(v: Any) -> str | None:
     return None
 
 
+def _seed(v: Any) -> str | None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        return f"must be an int >= 0, got {v!r}"
+    return None
+
+
 def _common_rules() -> list[_Rule]:
     from ptq_adversary import data
 
     return [
-        _Rule("seed", lambda v: None if isinstance(v, int) else f"must be an int, got {v!r}"),
+        _Rule("seed", _seed),
         _Rule("data.name", _one_of(data.DATASETS)),
         _Rule("data.val_size", _positive(int)),
         _Rule("data.train_limit", _positive(int), optional=True),
@@ -248,8 +257,14 @@ def _distill_rules() -> list[_Rule]:
 def _choices(v: Any) -> str | None:
     if (err := _bit_list(v)) is not None:
         return err
+    from ptq_adversary.quant import MAX_BITS, MIN_BITS
+
     if not v or list(v) != sorted(set(v)):
-        return f"must be a non-empty, sorted list of unique bit-widths, got {list(v)!r}"
+        return (
+            f"must be a non-empty list of unique bit-widths in [{MIN_BITS}, {MAX_BITS}] "
+            "sorted ascending, "
+            f"got {list(v)!r}"
+        )
     return None
 
 
@@ -304,7 +319,14 @@ def _pipeline_rules() -> list[_Rule]:
     return [_Rule("stage", _one_of(("all", *STAGES))), _Rule("modes", modes)]
 
 
+def _audit_rules() -> list[_Rule]:
+    from ptq_adversary.trainers import audit
+
+    return audit.rules()
+
+
 _RULES: dict[str, Callable[[], list[_Rule]]] = {
+    "audit": _audit_rules,
     "supervised": _supervised_rules,
     "distill": _distill_rules,
     "policy_aware": _policy_aware_rules,
@@ -342,6 +364,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
                     pipeline_field(stage, err.field), f"{err.message} (stage {stage})"
                 ) from None
         return
+    limit = _get(config, "data.train_limit")
+    if limit is not None and config.optim.batch_size > limit:
+        raise ConfigError(
+            "optim.batch_size",
+            f"must be <= data.train_limit ({limit}), the training examples there are; "
+            f"got {config.optim.batch_size}",
+        )
     for field in ("optim.batch_size", "eval.batch_size"):
         if _get(config, field) % num_devices:
             raise ConfigError(

@@ -59,11 +59,13 @@ __all__ = [
     "DatasetUnavailableError",
     "EvalBatch",
     "IdxFormatError",
+    "NonFiniteInputError",
     "RawDataset",
     "Split",
     "TfdsLoader",
     "TrainBatch",
     "augment_images",
+    "check_finite_images",
     "default_crop_padding",
     "eval_batches",
     "load_dataset",
@@ -116,6 +118,10 @@ class DatasetUnavailableError(RuntimeError):
 
 class IdxFormatError(ValueError):
     """An IDX file is truncated, corrupt or not the file it was expected to be."""
+
+
+class NonFiniteInputError(ValueError):
+    """Input images (or the statistics that normalise them) hold NaN or inf."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,19 +662,54 @@ class EvalBatch(NamedTuple):
     mask: np.ndarray
 
 
+def check_finite_images(images: np.ndarray, *, what: str = "images") -> None:
+    """Raises :class:`NonFiniteInputError` if float ``images`` hold NaN or inf.
+
+    Call it where float images enter from outside (a user array, a file of floats): a single
+    NaN pixel would otherwise turn the quantizer's per-example range, and every logit of that
+    example, into NaN without a word.
+
+    Args:
+      images: ``[B, ...]`` of any dtype (integer images always pass).
+      what: how the message names the input.
+    """
+    images = np.asarray(images)
+    if images.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(images)
+    if finite.all():
+        return
+    bad = np.size(finite) - int(np.count_nonzero(finite))
+    first = int(np.argwhere(~finite)[0][0]) if images.ndim else 0
+    raise NonFiniteInputError(
+        f"{what}: {bad} of {images.size} values are NaN or inf (first in example {first}); "
+        "input images must be finite"
+    )
+
+
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Maps uint8 pixels to ``(x / 255 - mean) / std``.
 
     Args:
-      images: uint8 ``[..., C]``.
-      mean: float ``[C]`` on the [0, 1] scale.
-      std: float ``[C]`` on the [0, 1] scale.
+      images: uint8 ``[..., C]`` (float pixels on the 0..255 scale are accepted and checked).
+      mean: float ``[C]`` on the [0, 1] scale, finite.
+      std: float ``[C]`` on the [0, 1] scale, finite and > 0.
 
     Returns:
-      float32 ``[..., C]``.
+      float32 ``[..., C]``, finite.
+
+    Raises:
+      NonFiniteInputError: float ``images`` hold NaN/inf, or ``mean``/``std`` are not finite
+        or ``std`` has a zero (a constant channel), which would make every pixel inf/NaN.
     """
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise NonFiniteInputError(
+            f"dataset_stats: mean must be finite and std finite and > 0 per channel, got "
+            f"mean {mean.tolist()}, std {std.tolist()} (a constant channel?)"
+        )
+    check_finite_images(images)
     scale = np.float32(1.0 / 255.0) / std
     return images.astype(np.float32) * scale - mean / std
 
@@ -738,18 +779,40 @@ def augment_images(
     Returns:
       ``[B, H, W, C]`` of the same dtype.
     """
-    b, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    draws = _augment_draws(rng, len(images), padding=padding, flip=flip)
+    return _apply_augment(images, draws, padding=padding)
+
+
+def _augment_draws(
+    rng: np.random.Generator, b: int, *, padding: int, flip: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Crop offsets ``dy``, ``dx`` and flip coins for ``b`` images, in a fixed draw order."""
     dy = rng.integers(0, 2 * padding + 1, size=b)
     dx = rng.integers(0, 2 * padding + 1, size=b)
+    flipped = rng.random(b) < 0.5 if flip else None
+    return dy, dx, flipped
+
+
+def _apply_augment(images: np.ndarray, draws, *, padding: int) -> np.ndarray:
+    dy, dx, flipped = draws
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     rows = dy[:, None] + np.arange(h)  # [B, H]
     cols = np.arange(w)[None, :]  # [1, W]
-    if flip:
-        flipped = rng.random(b) < 0.5
+    if flipped is not None:
         cols = np.where(flipped[:, None], w - 1 - cols, cols)  # [B, W]
     cols = dx[:, None] + cols
     # One gather does crop and flip together.
     return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+    """Rows ``[i B / n, (i + 1) B / n)`` of a global batch of ``B`` for shard ``(i, n)``."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count or batch_size % count:
+        raise ValueError(f"shard {shard} does not split a batch of {batch_size} evenly")
+    per = batch_size // count
+    return slice(index * per, (index + 1) * per)
 
 
 def train_batch(
@@ -762,6 +825,7 @@ def train_batch(
     dataset_stats: DatasetStats | Dataset,
     flip: bool = True,
     crop_padding: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> TrainBatch:
     """The training batch for global step ``step``: a pure function of its arguments.
 
@@ -778,17 +842,25 @@ def train_batch(
       flip: with ``augment``, whether to flip. Standard for CIFAR and Fashion-MNIST; pass False
         for digits (MNIST, SVHN), where a flip changes the meaning.
       crop_padding: with ``augment``, the zero padding; default `default_crop_padding`.
+      shard: ``(index, count)``: only rows ``[index B / count, (index + 1) B / count)`` of the
+        global batch, each equal to the same row of the full batch (augmentation included).
+        A process of a multi-host run reads just its own rows this way.
 
     Returns:
-      A `TrainBatch`: float32 ``[B, H, W, C]`` images, int32 ``[B]`` labels and indices.
+      A `TrainBatch`: float32 ``[B / count, H, W, C]`` images, int32 ``[B / count]`` labels
+      and indices.
     """
-    indices = train_batch_indices(len(split), step, batch_size=batch_size, seed=seed)
+    rows = _shard_rows(batch_size, shard)
+    indices = train_batch_indices(len(split), step, batch_size=batch_size, seed=seed)[rows]
     images = split.images[indices]
     if augment:
         if crop_padding is None:
             crop_padding = default_crop_padding(images.shape[1])
         rng = np.random.default_rng([seed, _AUGMENT_STREAM, step])
-        images = augment_images(images, rng, padding=crop_padding, flip=flip)
+        # Drawn for the whole global batch, so a shard's rows match the full batch's.
+        draws = _augment_draws(rng, batch_size, padding=crop_padding, flip=flip)
+        draws = tuple(None if d is None else d[rows] for d in draws)
+        images = _apply_augment(images, draws, padding=crop_padding)
     return TrainBatch(
         images=normalize(images, dataset_stats.mean, dataset_stats.std),
         labels=split.labels[indices],
@@ -797,7 +869,11 @@ def train_batch(
 
 
 def eval_batches(
-    split: Split, *, batch_size: int, dataset_stats: DatasetStats | Dataset
+    split: Split,
+    *,
+    batch_size: int,
+    dataset_stats: DatasetStats | Dataset,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[EvalBatch]:
     """Yields the whole split in order, in batches of exactly ``batch_size``.
 
@@ -808,13 +884,21 @@ def eval_batches(
       split: the split to evaluate.
       batch_size: B.
       dataset_stats: anything with per-channel ``mean``/``std``.
+      shard: ``(index, count)``: yield only rows ``[index B / count, (index + 1) B / count)``
+        of each batch (a process's part in a multi-host run).
 
     Yields:
       `EvalBatch` with float32 ``[B, H, W, C]`` images, int32 ``[B]`` labels, float32 ``[B]``
-      mask. Batch ``i`` holds examples ``i * B`` to ``i * B + sum(mask) - 1``.
+      mask (``B / count`` rows with a shard). Batch ``i`` holds examples ``i * B`` to
+      ``i * B + sum(mask) - 1``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard != (0, 1):
+        rows = _shard_rows(batch_size, shard)
+        for batch in eval_batches(split, batch_size=batch_size, dataset_stats=dataset_stats):
+            yield EvalBatch(*(a[rows] for a in batch))
+        return
     n = len(split)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)

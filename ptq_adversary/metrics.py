@@ -42,20 +42,25 @@ def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
 class MetricWriter:
     """Appends metrics to ``<workdir>/metrics.jsonl`` and, if available, TensorBoard.
 
+    Only process 0 of a multi-process run writes; every process checks for NaN/inf.
+
     Args:
       workdir: the run directory.
-      resume_step: when resuming from a checkpoint at this step, records logged after it by the
-        interrupted run are dropped so the log reads as one uninterrupted run.
+      resume_step: the step the run (re)starts from: records logged after it by an interrupted
+        run, and a last line cut short by a kill, are dropped so the log reads as one
+        uninterrupted run. None keeps everything.
       tensorboard: also write TensorBoard event files (needs ``tensorboardX``; silently skipped
         when it is not installed).
     """
 
     def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -65,8 +70,15 @@ class MetricWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
+        kept = []
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: nothing follows it
+                    break
+                if line.endswith("\n") and record["step"] <= step:
+                    kept.append(line)
         write_text_atomic(self.path, "".join(kept))
 
     def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
@@ -75,8 +87,9 @@ class MetricWriter:
         The record is written before the check, so the log shows the bad value.
         """
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
@@ -85,7 +98,8 @@ class MetricWriter:
             raise NonFiniteError(f"non-finite {split} metric(s) {bad} at step {step}")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -106,7 +120,10 @@ def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool 
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written).
+
+    A reader sees the old file or the new one, never a mix, even if the process is killed.
+    """
     tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

@@ -29,7 +29,9 @@ Conventions (written down because quantizers disagree on them):
   into the range statistics. Because the range always covers the data, nothing is clipped, so
   the identity is also the clipped-STE gradient.
 * Degenerate ranges: an all-zero example (``hi == lo``) or an all-zero weight channel comes back
-  unchanged, and finite inputs never produce NaN or inf.
+  unchanged, and finite inputs never produce NaN or inf. Scales beyond ``2^64`` (ranges no
+  network produces) are handled with an exact power-of-two rescaling, because XLA flushes their
+  subnormal reciprocal to zero, and activations there are clipped to their range.
 
 References:
   Jacob et al., "Quantization and Training of Neural Networks for Efficient
@@ -66,6 +68,17 @@ def straight_through(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 def _num_levels_minus_one(bits: jax.Array, dtype) -> jax.Array:
     # 2^b - 1 computed in integers (exact for b <= 30) before the cast, so 16-bit grids are exact.
     return (jnp.left_shift(jnp.ones_like(bits), bits) - 1).astype(dtype)
+
+
+def _huge_scale_factor(scale: jax.Array) -> jax.Array:
+    """``2^-64`` where ``scale > 2^64``, else 1: multiply both ``x`` and ``scale`` by it.
+
+    Above ~8.5e37 (float32) the reciprocal ``1 / scale`` is subnormal, which XLA flushes to
+    zero, quantizing everything to 0 (found by tests/test_fuzz.py; XLA also turns a division by
+    the broadcast scale into that reciprocal). Scaling by a power of two is exact, so ordinary
+    scales (factor 1) give bit-identical results and huge ones a normal reciprocal.
+    """
+    return jnp.where(scale > 2.0**64, jnp.asarray(2.0**-64, scale.dtype), 1.0).astype(scale.dtype)
 
 
 def _per_example_bits(bits: ArrayLike, batch: int) -> jax.Array:
@@ -107,16 +120,18 @@ def quantize_activation(x: ArrayLike, bits: ArrayLike) -> tuple[jax.Array, jax.A
     scale = (hi - lo) / n
     # hi - lo overflows for ranges near the dtype's limit; hi/n - lo/n does not (n >= 3).
     scale = jnp.where(jnp.isfinite(scale), scale, hi / n - lo / n)
-    inv_scale = 1.0 / scale
+    c = _huge_scale_factor(scale)  # 1 unless the range is beyond ~1e19
+    inv_scale = 1.0 / (scale * c)
     # Degenerate: an all-zero example (scale 0) or a range so tiny that 1/scale overflows.
     # Such examples pass through unchanged (see fake_quant_activation).
     degenerate = ~jnp.isfinite(inv_scale)
     scale = jnp.where(degenerate, 0.0, scale)
     inv_scale = jnp.where(degenerate, 0.0, inv_scale)
     # lo <= 0 <= hi guarantees 0 <= zero_point <= n, so zero is exactly representable.
-    zero_point = jnp.round(-lo * inv_scale)
+    zero_point = jnp.round((-lo * c) * inv_scale)
     expand = (slice(None),) + (None,) * len(axes)
-    q = jnp.clip(jnp.round(xc * inv_scale[expand]) + zero_point[expand], 0.0, n[expand])
+    xs = xc * c[expand]
+    q = jnp.clip(jnp.round(xs * inv_scale[expand]) + zero_point[expand], 0.0, n[expand])
     return q, scale, zero_point
 
 
@@ -144,7 +159,15 @@ def fake_quant_activation(x: ArrayLike, bits: ArrayLike) -> jax.Array:
     x_hat = s * (q - z)
     # The grid can reach half a step past the range; near the dtype's limit that would be inf.
     big = jnp.finfo(x.dtype).max
-    x_hat = jnp.clip(x_hat, -big, big).astype(x.dtype)
+    x_hat = jnp.clip(x_hat, -big, big)
+    # For ranges beyond ~1e19 (where _huge_scale_factor applies) keep values inside the range
+    # itself: only there, so ordinary ranges stay bit-exact with PyTorch.
+    axes = tuple(range(1, x.ndim))
+    xc = x.astype(x_hat.dtype)
+    huge = s > 2.0**64
+    lo = jnp.minimum(jnp.min(xc, axis=axes), 0.0)[expand]
+    hi = jnp.maximum(jnp.max(xc, axis=axes), 0.0)[expand]
+    x_hat = jnp.where(huge, jnp.clip(x_hat, lo, hi), x_hat).astype(x.dtype)
     x_hat = jnp.where(s == 0, x, x_hat)  # degenerate example: identity
     return straight_through(x, x_hat)
 
@@ -161,7 +184,8 @@ def fake_quant_weight(w: ArrayLike, bits: ArrayLike, *, channel_axis: int = -1) 
 
     Returns:
       ``w_hat`` with ``w``'s shape and dtype on the grid ``s * {-qmax, ..., qmax}`` per
-      channel with ``qmax = 2^(b-1) - 1``; all-zero channels stay zero.
+      channel with ``qmax = 2^(b-1) - 1``; all-zero channels (and channels whose scale is
+      below the smallest normal float) come back unchanged; finite in, finite out.
     """
     w = jnp.asarray(w)
     bits = jnp.asarray(bits)
@@ -173,7 +197,14 @@ def fake_quant_weight(w: ArrayLike, bits: ArrayLike, *, channel_axis: int = -1) 
     wc = w.astype(compute_dtype)
     qmax = _num_levels_minus_one(bits - 1, compute_dtype)
     scale = jnp.max(jnp.abs(wc), axis=axes, keepdims=True) / qmax
-    safe_scale = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(wc * (1.0 / safe_scale)), -qmax, qmax)
-    w_hat = (scale * q).astype(w.dtype)  # scale == 0 gives exact zeros for a zero channel
+    # Degenerate: an all-zero channel, or one so tiny that its scale is subnormal (flushed to
+    # zero by XLA): passed through unchanged, like a degenerate activation example.
+    normal = scale >= jnp.finfo(compute_dtype).tiny
+    safe_scale = jnp.where(normal, scale, 1.0)
+    c = _huge_scale_factor(safe_scale)
+    q = jnp.clip(jnp.round((wc * c) * (1.0 / (safe_scale * c))), -qmax, qmax)
+    # s * qmax can round past the dtype's largest value; clip so finite stays finite.
+    big = jnp.finfo(w.dtype).max
+    w_hat = jnp.clip(safe_scale * q, -big, big).astype(w.dtype)
+    w_hat = jnp.where(normal, w_hat, w)
     return straight_through(w, w_hat)

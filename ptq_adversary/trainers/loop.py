@@ -3,8 +3,20 @@
 A trainer builds its state pytree and a jitted ``train_step(state, *batch) -> (state, metrics)``
 and hands them to :meth:`Run.fit` with a ``batch_fn(step) -> tuple of numpy arrays``. Because
 the batch is a pure function of the step, and the partial logging window is stored in each
-checkpoint, a run that is killed and restarted with the same command ends bit-identical to an
-uninterrupted one (metrics log included).
+checkpoint, a run that is killed (even with SIGKILL) and restarted with the same command ends
+bit-identical to an uninterrupted one on the same devices (metrics log included; tested in
+tests/test_resume.py).
+
+Devices and hosts: the batch axis is sharded over a ``data`` mesh axis spanning every device of
+every process, the state is replicated. In a multi-process run (``jax.distributed``) each
+process places only its own rows of the global batch (:meth:`Run.put_batch`); with one process
+this is a plain ``jax.device_put``.
+
+Divergence: a NaN/inf training metric (tracked on device every step, checked at log steps), a
+NaN/inf validation metric or a non-finite state (checked before every save) stops the run with
+:class:`metrics.NonFiniteError` naming the first bad step. No non-finite state is checkpointed,
+and checkpoints of states at or after the first one whose loss was NaN/inf (exploded but finite
+weights) are removed, so the last checkpoint left is a good one to resume from.
 
 Workdir layout written here::
 
@@ -35,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from ptq_adversary import config_lib, metrics
 from ptq_adversary.checkpoint import Checkpointer
 
-__all__ = ["Run", "Preempted", "prepare_workdir"]
+__all__ = ["Run", "Preempted", "prepare_workdir", "data_mesh", "process_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +89,27 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    # A saved config binds only once the workdir holds progress; a run that stopped before its
+    # first checkpoint (say, its dataset was unavailable) may be restarted with another config.
+    if os.path.exists(path) and _holds_a_run(workdir):
         with open(path, encoding="utf-8") as f:
             config_lib.compare_with_saved(config, json.load(f))
     metrics.write_json_atomic(path, config_lib.to_dict(config))
     return workdir
+
+
+def _holds_a_run(workdir: str) -> bool:
+    """Whether ``workdir`` (or a stage directory in it) holds checkpoints or results."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        return True
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        return True
+    return any(
+        _holds_a_run(entry.path)
+        for entry in os.scandir(workdir)
+        if entry.is_dir() and os.path.exists(os.path.join(entry.path, "config.json"))
+    )
 
 
 class Run:
@@ -102,7 +130,7 @@ class Run:
 
         # Data parallel over every device: batch sharded on 'data', state replicated. Auto axes
         # let XLA propagate shardings, so vmapping policies into the batch needs no annotations.
-        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+        mesh = data_mesh()
         self.replicated = NamedSharding(mesh, P())
         self.data_sharding = NamedSharding(mesh, P("data"))
         self.ckpt = Checkpointer(
@@ -111,6 +139,8 @@ class Run:
         self._writer: metrics.MetricWriter | None = None
         self.start_step = 0
         self.train_time_s = 0.0
+        self._first_bad: jax.Array | None = None
+        self._bad_hint = 0
         self._window: tuple[dict[str, jax.Array] | None, int] = (None, 0)
 
     # ------------------------------------------------------------------ state and checkpoints
@@ -127,15 +157,44 @@ class Run:
     @property
     def writer(self) -> metrics.MetricWriter:
         if self._writer is None:
+            # Records after the resumed step (or any, when starting at 0) come from a run that
+            # was killed; they are dropped so the log reads as one uninterrupted run.
             self._writer = metrics.MetricWriter(
                 self.workdir,
-                resume_step=self.start_step or None,
+                resume_step=self.start_step,
                 tensorboard=self.config.log.tensorboard,
             )
         return self._writer
 
     def write(self, step: int, values: dict[str, float], *, split: str) -> None:
         self.writer.write(step, values, split=split)
+
+    def put_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
+        """Places a host batch on the mesh, sharded over ``data``.
+
+        Args:
+          arrays: host arrays with a leading batch axis: the global batch of
+            ``config.optim.batch_size`` rows, or (in a multi-process run) only this process's
+            rows of it, ``process_rows``.
+
+        Returns:
+          Global ``jax.Array``s of the global batch, each device holding its rows.
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(arrays, self.data_sharding)
+        size = self.config.optim.batch_size
+        rows = process_rows(size)
+        out = []
+        for a in arrays:
+            if len(a) == size:
+                a = a[rows]
+            elif len(a) != rows.stop - rows.start:
+                raise ValueError(
+                    f"batch has {len(a)} rows; expected the global {size} or this process's "
+                    f"{rows.stop - rows.start}"
+                )
+            out.append(jax.make_array_from_process_local_data(self.data_sharding, a))
+        return tuple(out)
 
     # ------------------------------------------------------------------ the loop
     def fit(
@@ -164,10 +223,46 @@ class Run:
 
         Raises:
           Preempted: on SIGTERM, after saving a checkpoint.
-          metrics.NonFiniteError: a logged metric is NaN/inf; the last good checkpoint stays.
+          metrics.NonFiniteError: a logged metric or the state became NaN/inf; the message
+            names the step and the last (good) checkpoint, which a rerun resumes from.
         """
+        try:
+            return self._fit(state, train_step, batch_fn, total_steps, desc, eval_fn,
+                             learning_rate)  # fmt: skip
+        except metrics.NonFiniteError as err:
+            raise self._diverged(err) from err
+
+    def _diverged(self, err: metrics.NonFiniteError) -> metrics.NonFiniteError:
+        """Drops checkpoints of states at or after the first bad one; says where to resume."""
+        first = -1 if self._first_bad is None else int(jax.device_get(self._first_bad))
+        # The loss of step s is computed from the state after s - 1 steps: that state, and
+        # every later one, is bad even if its arrays are finite (e.g. exploded weights).
+        bad_state = first if first >= 0 else self._bad_hint
+        self.ckpt.wait()
+        removed = [s for s in self.ckpt.all_steps() if s >= bad_state]
+        for s in removed:
+            self.ckpt.delete(s)
+        last = self.ckpt.latest_step()
+        where = (
+            f"the last good checkpoint is step {last} "
+            f"({os.path.join(self.ckpt.directory, str(last))})"
+            if last is not None
+            else "no good checkpoint is left (a rerun starts afresh)"
+        )
+        first_text = f" (first at step {first + 1})" if first >= 0 else ""
+        removed_text = f"; removed the later checkpoints {removed}" if removed else ""
+        return metrics.NonFiniteError(
+            f"training diverged: {err}{first_text}{removed_text}; {where}; lower "
+            "optim.learning_rate and rerun to resume from it, or set optim.grad_clip_norm in "
+            "a new --workdir"
+        )
+
+    def _fit(self, state, train_step, batch_fn, total_steps, desc, eval_fn, learning_rate):
         cfg = self.config
         sums, count = self._window
+        # Index of the first step whose training metrics were NaN/inf (-1: none), tracked on
+        # device every step so a divergence is pinned to its step without a per-step sync.
+        self._first_bad, self._bad_hint = None, total_steps
         t0 = time.perf_counter()
         bar = metrics.progress_bar(
             total_steps, initial=self.start_step, desc=desc, disable=not cfg.log.progress
@@ -175,8 +270,9 @@ class Run:
         try:
             with _SigtermFlag() as sigterm:
                 for step in range(self.start_step, total_steps):
-                    batch = jax.device_put(batch_fn(step), self.data_sharding)
+                    batch = self.put_batch(batch_fn(step))
                     state, step_metrics = train_step(state, *batch)
+                    self._first_bad = _track_first_bad(self._first_bad, step_metrics, step)
                     # Summed on device: the host syncs only at log steps.
                     sums = (
                         step_metrics if sums is None else jax.tree.map(jnp.add, sums, step_metrics)
@@ -194,9 +290,11 @@ class Run:
                         bar.set_postfix({k: f"{host[k]:.3f}" for k in shown})
                     if eval_fn is not None and done % cfg.eval.every_steps == 0:
                         if done < total_steps:
+                            self._bad_hint = done  # a NaN validation metric: this state is bad
                             self.write(done, eval_fn(state, done), split="val")
+                            self._bad_hint = total_steps
                     if done % cfg.ckpt.every_steps == 0 or sigterm.requested:
-                        self.ckpt.save(done, state, _window_meta(done, sums, count))
+                        self._save(done, state, sums, count)
                     if sigterm.requested:
                         self.ckpt.wait()
                         raise Preempted(
@@ -206,8 +304,19 @@ class Run:
         finally:
             bar.close()
         self.train_time_s = time.perf_counter() - t0
-        self.ckpt.save(total_steps, state, _window_meta(total_steps, None, 0))
+        self._save(total_steps, state, None, 0)
         return state
+
+    def _save(self, step: int, state: Any, sums: dict[str, jax.Array] | None, count: int) -> None:
+        """Checkpoints ``state`` at ``step`` unless it (or the open metric window) is non-finite."""
+        meta = _window_meta(step, sums, count)
+        bad = [k for k, v in meta["window_sums"].items() if not np.isfinite(v)]
+        if bad:
+            raise metrics.NonFiniteError(f"non-finite train metric(s) {bad} by step {step}")
+        if not bool(_all_finite(state)):
+            self._bad_hint = step
+            raise metrics.NonFiniteError(f"non-finite values in the training state at step {step}")
+        self.ckpt.save(step, state, meta)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -219,6 +328,54 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def data_mesh() -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over every device of every process.
+
+    With several processes the devices are ordered by process, so each process feeds one
+    contiguous block of rows of the global batch (:func:`process_rows`).
+    """
+    if jax.process_count() == 1:
+        return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
+
+
+def process_rows(global_batch: int) -> slice:
+    """The rows of a global batch that this process feeds (all of them with one process).
+
+    Raises:
+      ValueError: processes hold different numbers of devices, or the batch does not divide.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return slice(0, global_batch)
+    if jax.device_count() != count * jax.local_device_count() or global_batch % count:
+        raise ValueError(
+            f"a global batch of {global_batch} cannot be split evenly over {count} processes "
+            f"with {jax.local_device_count()} of {jax.device_count()} devices each"
+        )
+    per = global_batch // count
+    return slice(index * per, (index + 1) * per)
+
+
+@jax.jit
+def _track_first_bad(first_bad: jax.Array | None, step_metrics: Any, step: int) -> jax.Array:
+    finite = _all_finite(step_metrics)
+    if first_bad is None:
+        return jnp.where(finite, -1, step).astype(jnp.int32)
+    return jnp.where((first_bad < 0) & ~finite, step, first_bad).astype(jnp.int32)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _window_meta(step: int, sums: dict[str, jax.Array] | None, count: int) -> dict[str, Any]:
