@@ -1,8 +1,9 @@
 """Trained models as artifacts: what a finished stage leaves for the next one.
 
 A model artifact is a directory with ``spec.json`` (how to rebuild the architecture: registry
-name, constructor kwargs, classes, channels, weight bits) and ``state/`` (its ``params`` and
-``rest`` written by orbax, no pickle). Any stage, the audit or a notebook can load it without the
+name, constructor kwargs, classes, channels, weight bits, and which state directory is
+current) and ``state-<ns>/`` (its ``params`` and ``rest`` written by orbax, no pickle). Saving
+again replaces it atomically: a reader sees the old artifact or the new one. Any stage, the audit or a notebook can load it without the
 config or the training state (optimizer moments, RNG) of the run that made it::
 
     model = artifacts.load_model("runs/fmnist_pair/teacher/model")
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -39,6 +42,7 @@ __all__ = [
 
 _SPEC_FILE = "spec.json"
 _STATE_DIR = "state"
+_STATE_KEY = "_state_dir"  # in spec.json: which state directory is current
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,16 +117,23 @@ def build(spec: ModelSpec, seed: int = 0) -> nnx.Module:
 
 
 def _save(directory: str, spec: Any, params: nnx.State, rest: nnx.State) -> None:
+    # Atomic replacement: the arrays go to a fresh state directory, then spec.json (written by
+    # rename) switches to it, then older state directories are removed. A kill at any point
+    # leaves either the previous artifact or the new one loadable, never a mix.
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    name = f"{_STATE_DIR}-{time.time_ns()}"
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(
-            os.path.join(directory, _STATE_DIR),
+            os.path.join(directory, name),
             jax.device_get({"params": params, "rest": rest}),
             force=True,
         )
-    # The spec goes last: a directory with spec.json holds a complete artifact.
-    metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), dataclasses.asdict(spec))
+    record = {**dataclasses.asdict(spec), _STATE_KEY: name}
+    metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), record)
+    for entry in os.scandir(directory):
+        if entry.is_dir() and entry.name.startswith(_STATE_DIR) and entry.name != name:
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, dict]:
@@ -131,13 +142,14 @@ def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, 
         raise FileNotFoundError(f"no artifact ({_SPEC_FILE}) in {directory}")
     with open(os.path.join(directory, _SPEC_FILE), encoding="utf-8") as f:
         raw = json.load(f)
+    state_dir = raw.pop(_STATE_KEY, _STATE_DIR)  # artifacts written before: plain "state"
     spec = spec_type(**{k: _tuples(v) for k, v in raw.items()})
     module = make(spec)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     target = {"params": params, "rest": rest}
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(
-            os.path.join(directory, _STATE_DIR),
+            os.path.join(directory, state_dir),
             jax.tree.map(ocp.utils.to_shape_dtype_struct, target),
         )
     return spec, module, {"graphdef": graphdef, **restored}

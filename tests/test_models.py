@@ -1,6 +1,7 @@
 """Tests for the model zoo, its registry and the functional boundary in ptq_adversary.models."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +332,20 @@ def test_qat_gradients_reach_every_parameter(name):
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(leaf)), path
         assert np.any(leaf != 0), path
+
+
+def test_artifact_save_replaces_atomically(tmp_path):
+    from ptq_adversary import artifacts
+
+    spec = artifacts.ModelSpec(name="cnn", num_classes=10, in_channels=1, weight_bits=8,
+                               kwargs={"widths": (4, 4, 4, 4)})  # fmt: skip
+    first = models.split_model(artifacts.build(spec, seed=0))
+    second = models.split_model(artifacts.build(spec, seed=1))
+    directory = str(tmp_path / "model")
+    artifacts.save_model(directory, spec, first[1], first[2])
+    artifacts.save_model(directory, spec, second[1], second[2])
+    # One state directory is left, the one spec.json names, holding the second save.
+    assert len([d for d in os.listdir(directory) if d.startswith("state")]) == 1
+    loaded = artifacts.load_model(directory)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(second[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
