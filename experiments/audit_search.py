@@ -32,13 +32,18 @@ from ptq_adversary import artifacts, audit, data, metrics, policy  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 BUDGET = 4.0
-# (iterations, beam width, moves per beam entry) -> E = 1 + iterations * width * moves.
+# (iterations, beam width, moves per beam entry, random initial draws)
+# -> E = 1 + initial draws + iterations * width * moves.
 SETTINGS = {
-    9: {"greedy": (2, 1, 4), "beam": (2, 2, 2)},
-    17: {"greedy": (4, 1, 4), "beam": (4, 2, 2)},
-    33: {"greedy": (4, 1, 8), "beam": (4, 4, 2)},
-    65: {"greedy": (8, 1, 8), "beam": (8, 4, 2)},
-}
+    9: {"greedy": (2, 1, 4, 0), "beam": (2, 2, 2, 0),
+        "greedy+restarts": (1, 1, 4, 4), "beam+restarts": (2, 2, 1, 4)},
+    17: {"greedy": (4, 1, 4, 0), "beam": (4, 2, 2, 0),
+         "greedy+restarts": (2, 1, 4, 8), "beam+restarts": (2, 2, 2, 8)},
+    33: {"greedy": (4, 1, 8, 0), "beam": (4, 4, 2, 0),
+         "greedy+restarts": (4, 1, 4, 16), "beam+restarts": (4, 2, 2, 16)},
+    65: {"greedy": (8, 1, 8, 0), "beam": (8, 4, 2, 0),
+         "greedy+restarts": (4, 1, 8, 32), "beam+restarts": (4, 4, 2, 32)},
+}  # fmt: skip
 _SOURCES = {
     "student": "student/model",
     "teacher": "teacher/model",
@@ -84,10 +89,18 @@ def main() -> None:
         t0 = time.perf_counter()
         found = {"random": audit.random_search(model, x, y, bud, num_samples=e, seed=args.seed)}
         found_s = {"random": time.perf_counter() - t0}
-        for name, (iters, width, moves) in SETTINGS[e].items():
+        for name, (iters, width, moves, init) in SETTINGS[e].items():
             t0 = time.perf_counter()
             found[name] = audit.beam_search(
-                model, x, y, bud, width=width, num_moves=moves, num_iters=iters, seed=args.seed
+                model,
+                x,
+                y,
+                bud,
+                width=width,
+                num_moves=moves,
+                num_iters=iters,
+                num_init=init,
+                seed=args.seed,
             )
             found_s[name] = time.perf_counter() - t0
         for name, r in found.items():
@@ -102,7 +115,7 @@ def main() -> None:
                     "seconds": round(found_s[name], 1),
                 }
             )
-        for r in rows[-3:]:
+        for r in rows[-len(found) :]:
             print(f"E={e} {r['method']}: {r['accuracy']:.3f}", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
@@ -144,7 +157,9 @@ def _plot(rows, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     exact = rows[0]
-    for name, style in (("random", "o--"), ("greedy", "s-"), ("beam", "^-")):
+    styles = (("random", "o--"), ("greedy", "s-"), ("beam", "^-"),
+              ("greedy+restarts", "s:"), ("beam+restarts", "^:"))  # fmt: skip
+    for name, style in styles:
         r = [row for row in rows if row["method"] == name]
         e = [row["evaluations"] for row in r]
         axes[0].plot(e, [100 * row["accuracy"] for row in r], style, label=f"{name} search")

@@ -480,6 +480,7 @@ def beam_search(
     width: int = 4,
     num_moves: int = 8,
     num_iters: int = 4,
+    num_init: int = 0,
     seed: int = 0,
     example_chunk: int = 64,
 ) -> SearchResult:
@@ -488,8 +489,10 @@ def beam_search(
     Starts from the uniform allocation. Each iteration draws ``num_moves`` random feasible
     moves (:func:`_neighbours`) from each of the ``width`` allocations in the beam, evaluates
     them, and keeps the ``width`` best distinct allocations among beam and candidates.
-    ``width=1`` is greedy hill climbing. Cost: ``1 + num_iters * width * num_moves`` forward
-    passes per example.
+    ``width=1`` is greedy hill climbing. With ``num_init``, the first beam is the best of the
+    uniform allocation and ``num_init`` random feasible ones (random restarts: on a model with
+    few sites the damaging allocations can be far from uniform). Cost:
+    ``1 + num_init + num_iters * width * num_moves`` forward passes per example.
 
     Args:
       model: a model with the ``bits`` interface.
@@ -498,7 +501,8 @@ def beam_search(
       width: ``W``, allocations kept per example.
       num_moves: ``M``, candidates drawn per beam entry and iteration.
       num_iters: iterations.
-      seed: PRNG seed of the move draws.
+      num_init: random feasible allocations evaluated to seed the beam.
+      seed: PRNG seed of the move and initial draws.
       example_chunk: examples per compiled call.
 
     Returns:
@@ -508,6 +512,7 @@ def beam_search(
     images, labels = _check_inputs(images, labels)
     uniform = jnp.asarray(policy.uniform_allocation(budget), jnp.int32)
     key = jax.random.key(seed)
+    draw = jax.jit(jax.vmap(jax.vmap(lambda k: policy.sample_uniform(k, budget))))
 
     @jax.jit
     def iterate(key, beam_idx, beam_loss, x, y):
@@ -528,10 +533,20 @@ def beam_search(
         init_bits = jnp.broadcast_to(policy.to_bits(uniform, budget), (1, batch, len(uniform)))
         loss, correct = _eval_per_example(graphdef, params, rest, x, y, init_bits)
         tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(init_bits))
-        # The beam starts as `width` copies of the uniform allocation; copies are duplicates
-        # and are dropped at the first selection.
+        # The beam starts as `width` copies of the uniform allocation (copies are duplicates
+        # and are dropped at the first selection), or as the best of uniform and `num_init`
+        # random feasible allocations.
         beam_idx = jnp.broadcast_to(uniform, (width, batch, len(uniform)))
         beam_loss = jnp.concatenate([loss, jnp.full((width - 1, batch), -jnp.inf)])
+        if num_init:
+            keys = jax.random.split(jax.random.fold_in(key, -1 - start), num_init * batch)
+            init_idx = draw(keys.reshape(num_init, batch))
+            init_bits = policy.to_bits(init_idx, budget)
+            loss, correct = _eval_per_example(graphdef, params, rest, x, y, init_bits)
+            tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(init_bits))
+            beam_idx, beam_loss = _select(
+                jnp.concatenate([beam_idx, init_idx]), jnp.concatenate([beam_loss, loss]), width
+            )
         for it in range(num_iters):
             k = jax.random.fold_in(jax.random.fold_in(key, start), it)
             beam_idx, beam_loss, loss, correct, bits = iterate(k, beam_idx, beam_loss, x, y)
@@ -822,6 +837,7 @@ def audit(
     beam_width: int = 4,
     num_moves: int = 8,
     num_iters: int = 4,
+    num_init: int = 0,
     num_random: int | None = None,
     policy_config: PolicyConfig = PolicyConfig(),
     train_images: ArrayLike | None = None,
@@ -844,6 +860,8 @@ def audit(
         allocations (else it is listed in ``skipped``).
       beam_width, num_moves, num_iters: the beam search (``greedy`` uses width 1 with the same
         number of evaluations per example: ``num_moves * beam_width`` moves per iteration).
+      num_init: random feasible allocations that seed greedy and beam search (random restarts;
+        added to their evaluation count).
       num_random: draws per example for random search; default: the beam's evaluation count,
         so that the two compare at equal cost.
       policy_config: the ``policy`` method's REINFORCE training (:class:`PolicyConfig`).
@@ -894,7 +912,7 @@ def audit(
     random_accuracy = None
     worst_static = None
     min_low = np.full(len(labels), -1, np.int64)
-    search_evals = 1 + num_iters * beam_width * num_moves
+    search_evals = 1 + num_init + num_iters * beam_width * num_moves
 
     for name in [m for m in METHODS if m in methods]:
         t0 = time.perf_counter()
@@ -935,6 +953,7 @@ def audit(
                 width=width,
                 num_moves=moves,
                 num_iters=num_iters,
+                num_init=num_init,
                 seed=seed,
                 example_chunk=example_chunk,
             )
