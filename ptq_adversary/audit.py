@@ -539,7 +539,8 @@ def beam_search(
         beam_idx = jnp.broadcast_to(uniform, (width, batch, len(uniform)))
         beam_loss = jnp.concatenate([loss, jnp.full((width - 1, batch), -jnp.inf)])
         if num_init:
-            keys = jax.random.split(jax.random.fold_in(key, -1 - start), num_init * batch)
+            init_key = jax.random.fold_in(jax.random.fold_in(key, start), 2**31 - 1)
+            keys = jax.random.split(init_key, num_init * batch)
             init_idx = draw(keys.reshape(num_init, batch))
             init_bits = policy.to_bits(init_idx, budget)
             loss, correct = _eval_per_example(graphdef, params, rest, x, y, init_bits)

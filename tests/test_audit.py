@@ -272,3 +272,15 @@ def test_audit_command_smoke(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="source.pipeline_dir"):
         audit_trainer.run_audit(config, str(tmp_path / "other"))
     assert not (tmp_path / "other").exists()
+
+
+def test_beam_search_with_random_restarts():
+    model = _cnn(seed=4)
+    x, y = _images(8, seed=2)
+    budget = policy.Budget(CHOICES, model.num_sites, 4.0)
+    r = audit.beam_search(model, x, y, budget, width=2, num_moves=2, num_iters=1, num_init=5,
+                          example_chunk=8)  # fmt: skip
+    assert r.evaluations == 1 + 5 + 2 * 2
+    assert _feasible(r.worst_bits, budget) and _feasible(r.broken_bits, budget)
+    exact_loss, _ = audit.exhaustive(model, x, y, _all_bits(budget))
+    assert np.all(r.worst_loss <= exact_loss.max(axis=0) + 1e-5)
