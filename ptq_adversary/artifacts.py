@@ -3,8 +3,9 @@
 A model artifact is a directory with ``spec.json`` (how to rebuild the architecture: registry
 name, constructor kwargs, classes, channels, weight bits, and which state directory is
 current) and ``state-<ns>/`` (its ``params`` and ``rest`` written by orbax, no pickle). Saving
-again replaces it atomically: a reader sees the old artifact or the new one. Any stage, the audit or a notebook can load it without the
-config or the training state (optimizer moments, RNG) of the run that made it::
+again replaces it atomically: a reader sees the old artifact or the new one. Any stage, the
+audit or a notebook can load it without the config or the training state (optimizer moments,
+RNG) of the run that made it::
 
     model = artifacts.load_model("runs/fmnist_pair/teacher/model")
     logits, _ = models.apply_model(model.graphdef, model.params, model.rest, images)
