@@ -33,6 +33,10 @@ __all__ = [
     "make_pair_eval_step",
     "MODES",
     "REWARDS",
+    "POLICY_CHUNK_EXAMPLES",
+    "GRAD_CHUNK_EXAMPLES",
+    "policy_chunk",
+    "map_policies",
 ]
 
 
@@ -167,6 +171,96 @@ def make_distill_train_step(
     return step
 
 
+# ------------------------------------------------------------------- many policies at once
+#: Examples (policies x batch) per chunk that :func:`map_policies` aims for, per backend.
+#: Measured with experiments/bench_policies.py and bench_scaling.py (2-core x86-64, jax 0.10):
+#: on XLA:CPU the cost per example grows once a call holds more than a few hundred examples
+#: of the default student (the activations leave the caches: one vmap of 64 policies x 128
+#: inputs took ~2x as long as chunks of 128-512 examples), so the policy axis runs over chunks
+#: of about this many examples. Backends not listed (GPU, TPU: not measured here) vmap all
+#: policies at once.
+POLICY_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 128}
+
+#: The same for passes that are differentiated (stage B's network update). XLA:CPU's backward
+#: convolutions lose even more per example with the batch (quantized forward+backward of the
+#: default student: ~450 us/example at 32, ~700 at 256), so the stage-B step runs its P = 8
+#: passes over 32 inputs as 8 unrolled chunks of 32: 1.36x faster per step than one vmap,
+#: for ~8 s more compile time (experiments/bench_torch.py, steps.make_pair_train_step).
+GRAD_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 32}
+
+
+def policy_chunk(
+    num_policies: int, batch: int, backend: str | None = None, *, differentiated: bool = False
+) -> int:
+    """The default chunk (policies per vmapped call) for ``P`` policies on a batch of ``B``.
+
+    Args:
+      num_policies: ``P``.
+      batch: ``B``, examples per policy.
+      backend: ``jax.default_backend()`` if None.
+      differentiated: use :data:`GRAD_CHUNK_EXAMPLES` (passes inside a gradient) instead of
+        :data:`POLICY_CHUNK_EXAMPLES`.
+
+    Returns:
+      An int in ``[1, max(P, 1)]``: ``P`` (one vmap) where the backend has no entry in the
+      table, else ``table[backend] // B`` clipped.
+    """
+    table = GRAD_CHUNK_EXAMPLES if differentiated else POLICY_CHUNK_EXAMPLES
+    target = table.get(backend or jax.default_backend())
+    if target is None:
+        return max(num_policies, 1)
+    return max(1, min(num_policies, target // max(batch, 1)))
+
+
+def map_policies(
+    fn: Callable[[jax.Array], Any],
+    bits_pbl: ArrayLike,
+    *,
+    chunk: int | None = None,
+    unroll: bool = False,
+) -> Any:
+    """``jax.vmap(fn)(bits_pbl)``, computed in chunks of ``chunk`` policies.
+
+    ``fn`` maps one allocation ``bits_bl [B, L]`` to a pytree of arrays; everything else it
+    needs (weights, images) is closed over and shared by all policies, and whatever does not
+    depend on the bits (e.g. the first layer, whose input is the image) is computed once. With
+    ``chunk >= P`` this is one ``jax.vmap`` (the P policies folded into the batch). Otherwise
+    it is a ``jax.lax.map(fn, bits_pbl, batch_size=chunk)``: a loop over ``P // chunk``
+    vmapped chunks plus one vmapped remainder, so each call keeps a cache-friendly size and
+    memory stays flat in ``P``; or, with ``unroll``, the same chunks as a Python loop (one copy
+    of ``fn`` per chunk in the program).
+
+    Use ``unroll=True`` where the result is differentiated: XLA:CPU (jax 0.10) leaves the
+    weight-gradient convolutions of a loop body in a non-canonical layout, and the backward pass
+    of the looped policies ran 6-11x slower than one vmap (experiments/bench_torch.py profile).
+    Forward-only evaluation keeps the loop, whose program size and compile time do not grow
+    with P.
+
+    Args:
+      fn: ``bits_bl int [B, L] -> pytree``, traceable.
+      bits_pbl: int ``[P, B, L]`` (any leading axis ``P``, including 0).
+      chunk: policies per vmapped call; ``None`` picks :func:`policy_chunk` for the current
+        backend.
+      unroll: chunks as a Python loop instead of a ``lax.map``.
+
+    Returns:
+      ``fn``'s pytree with a leading ``[P]`` axis on every leaf; equal to the full vmap up to
+      float rounding of differently sized convolutions (tests/test_steps.py).
+    """
+    bits_pbl = jnp.asarray(bits_pbl)
+    num_policies = bits_pbl.shape[0]
+    if chunk is None:
+        chunk = policy_chunk(num_policies, bits_pbl.shape[1] if bits_pbl.ndim > 1 else 1)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if chunk >= num_policies:
+        return jax.vmap(fn)(bits_pbl)
+    if not unroll:
+        return jax.lax.map(fn, bits_pbl, batch_size=chunk)
+    parts = [jax.vmap(fn)(bits_pbl[i : i + chunk]) for i in range(0, num_policies, chunk)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
 def uniform_bits(choices: Sequence[int], batch: int, num_sites: int) -> jax.Array:
     """Allocations that put every site at the same bit-width.
 
@@ -183,12 +277,17 @@ def uniform_bits(choices: Sequence[int], batch: int, num_sites: int) -> jax.Arra
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef, *, chunk: int | None = None
 ) -> Callable[..., dict[str, jax.Array]]:
     """An evaluation step: full precision and P bit allocations in one call, masked sums.
 
-    The P quantized forward passes run as one ``jax.vmap`` over the policy axis of ``bits`` with
-    shared weights, so one compile serves every allocation of the same shape.
+    The P quantized forward passes run over the policy axis of ``bits`` with shared weights
+    (:func:`map_policies`: vmapped, in chunks of ``chunk`` policies), so one compile serves
+    every allocation of the same shape.
+
+    Args:
+      graphdef: the model's graph definition.
+      chunk: policies per vmapped call (``None``: :func:`policy_chunk` for the backend).
 
     Returns:
       ``step(params, rest, images [B,H,W,C], labels [B], mask [B], bits [P,B,L] int) ->
@@ -211,7 +310,7 @@ def make_eval_step(
             q_logits, _ = apply_model(graphdef, params, rest, images, bits_bl)
             return masked_sums(q_logits, labels, mask)
 
-        q_correct, q_loss = jax.vmap(quantized)(jnp.asarray(bits))
+        q_correct, q_loss = map_policies(quantized, bits, chunk=chunk)
         return {
             "count": jnp.sum(mask),
             "fp_correct": fp_correct,
@@ -314,12 +413,14 @@ def make_pair_train_step(
     reward: str,
     entropy_coef: float,
     quant_batch: int | None = None,
+    chunk: int | None = None,
 ) -> Callable[..., tuple[PairState, dict[str, jax.Array]]]:
     """One stage-B step: a network update with the quantizer in the loop, then a policy update.
 
     Per input, ``P = num_samples`` allocations are sampled from the policy (exact budget) and
-    the ``P`` quantized forward passes run as one ``jax.vmap`` over the policy axis with shared
-    weights. Network loss (BatchNorm frozen, STE through the quantizers)::
+    the ``P`` quantized forward passes run vmapped over the policy axis with shared weights
+    (:func:`map_policies`, in chunks of ``chunk`` policies). Network loss (BatchNorm frozen,
+    STE through the quantizers)::
 
         robust:      KD(T, f_fp) + quant_weight * mean_p KD(sg(f_fp), f_q(x; b_p))
         detrimental: KD(T, f_fp) + quant_weight * mean_p (CE(f_q(x; b_p), y_T) - margin)^2
@@ -342,6 +443,9 @@ def make_pair_train_step(
       entropy_coef: weight of the policy's entropy bonus.
       quant_batch: run the quantized passes (and the policy update) on the first
         ``quant_batch`` inputs of the batch only (``None``: all); bounds the cost ``P x B``.
+      chunk: policies per vmapped quantized pass, as unrolled chunks (``None``:
+        ``policy_chunk(P, quant_batch, differentiated=True)``, one vmap off CPU). The values
+        and gradients do not depend on it beyond float rounding.
 
     Returns:
       ``step(state, images [B,H,W,C], labels [B], teacher_logits [B,C]) -> (state, metrics)``.
@@ -368,7 +472,8 @@ def make_pair_train_step(
                 graphdef, params, rest, q_images, bits_bl, train=True, frozen_bn=True
             )[0]
 
-        q_logits = jax.vmap(quantized)(bits_pbl)  # [P, Bq, C]
+        pass_chunk = policy_chunk(num_samples, qb, differentiated=True) if chunk is None else chunk
+        q_logits = map_policies(quantized, bits_pbl, chunk=pass_chunk, unroll=True)  # [P, Bq, C]
         if mode == "robust":
             target = jax.lax.stop_gradient(fp_logits[:qb])
             q_term = losses.kd_loss(q_logits, target, temperature=temperature).mean()
@@ -461,12 +566,15 @@ def make_pair_eval_step(
     budget: policy.Budget,
     *,
     num_random: int,
+    chunk: int | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Evaluates a network/policy pair and its reference allocations in one pass.
 
     Allocations evaluated per input: the policy's greedy one (deployment), the uniform
     allocation at the budget (:func:`policy.uniform_allocation`) and ``num_random`` allocations
-    drawn uniformly from all feasible ones. All quantized passes run as one vmap.
+    drawn uniformly from all feasible ones. All quantized passes run in one call over the
+    allocation axis (:func:`map_policies`, in chunks of ``chunk`` allocations; ``None``: the
+    backend's default).
 
     Returns:
       ``step(params, rest, policy_params, policy_rest, images [B,H,W,C], labels [B],
@@ -493,7 +601,9 @@ def make_pair_eval_step(
             ]
         )  # [2 + R, B, L]
         bits = policy.to_bits(allocations, budget)
-        q_logits = jax.vmap(lambda b: apply_model(graphdef, params, rest, images, b)[0])(bits)
+        q_logits = map_policies(
+            lambda b: apply_model(graphdef, params, rest, images, b)[0], bits, chunk=chunk
+        )
         fp_right = (jnp.argmax(fp_logits, -1) == labels).astype(jnp.float32)
         q_right = (jnp.argmax(q_logits, -1) == labels[None]).astype(jnp.float32)  # [A, B]
         greedy_bits = policy.to_bits(greedy_idx, budget).astype(jnp.float32).mean(-1)
