@@ -71,6 +71,8 @@ def run_one(path: pathlib.Path, *, quick: bool, out: str, timeout_s: float) -> d
                       "rows": [{"error": " | ".join(error or ["no result written"])}]}  # fmt: skip
     result["file"] = path.name
     result["wall_s"] = wall
+    # Plot paths relative to the report (no machine paths in the written files).
+    result["plots"] = [os.path.relpath(p, out) for p in result.get("plots", [])]
     return result
 
 
@@ -127,7 +129,7 @@ def write_report(results: list[dict[str, Any]], out: str, *, quick: bool, total_
             if key != "rows" and isinstance(value, list) and value and isinstance(value[0], dict):
                 lines += ["", f"{key}:", "", bench_lib.markdown_table(value)]
         for plot in r.get("plots", []):
-            rel = os.path.relpath(plot, out)
+            rel = os.path.relpath(plot, out) if os.path.isabs(plot) else plot
             lines += ["", f"![{os.path.basename(plot)}]({rel})"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "benchmarks.md"), "w", encoding="utf-8") as f:
