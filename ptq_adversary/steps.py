@@ -184,8 +184,8 @@ POLICY_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 128}
 #: The same for passes that are differentiated (stage B's network update). XLA:CPU's backward
 #: convolutions lose even more per example with the batch (quantized forward+backward of the
 #: default student: ~450 us/example at 32, ~700 at 256), so the stage-B step runs its P = 8
-#: passes over 32 inputs as 8 unrolled chunks of 32: 1.36x faster per step than one vmap,
-#: for ~8 s more compile time (experiments/bench_torch.py, steps.make_pair_train_step).
+#: passes over 32 inputs as 8 unrolled chunks of 32: ~1.3x faster per step than one vmap, for
+#: 6-8 s more compile time (experiments/bench_torch.py times both).
 GRAD_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 32}
 
 
