@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary import policy
+from ptq_adversary import data, policy
 from ptq_adversary.models import apply_model, split_model
 
 __all__ = [
@@ -331,12 +331,14 @@ class _Tracker:
         )
 
 
-def _split_model(model: nnx.Module):
-    graphdef, params, rest = split_model(model)
-    return graphdef, params, rest
+def _check_labels(labels: np.ndarray, num_classes: int) -> None:
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
 
 
-def _check_inputs(images: ArrayLike, labels: ArrayLike, num_classes: int | None = None):
+def _check_inputs(images: ArrayLike, labels: ArrayLike):
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4:
@@ -347,13 +349,7 @@ def _check_inputs(images: ArrayLike, labels: ArrayLike, num_classes: int | None 
         raise ValueError(
             f"images must be float (normalized as the model expects), got {images.dtype}"
         )
-    if not np.all(np.isfinite(images)):
-        bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(axis=1)))
-        raise ValueError(f"images contain NaN or inf ({bad} of {len(images)} examples)")
-    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
-        )
+    data.check_finite_images(images)
     return images.astype(np.float32), labels.astype(np.int32)
 
 
@@ -381,7 +377,7 @@ def random_search(
     Returns:
       A :class:`SearchResult`; ``mean_correct`` is the accuracy under one random draw.
     """
-    graphdef, params, rest = _split_model(model)
+    graphdef, params, rest = split_model(model)
     images, labels = _check_inputs(images, labels)
     draw = jax.jit(jax.vmap(jax.vmap(lambda k: policy.sample_uniform(k, budget))))
     key = jax.random.key(seed)
@@ -508,7 +504,7 @@ def beam_search(
     Returns:
       A :class:`SearchResult` over every evaluated allocation.
     """
-    graphdef, params, rest = _split_model(model)
+    graphdef, params, rest = split_model(model)
     images, labels = _check_inputs(images, labels)
     uniform = jnp.asarray(policy.uniform_allocation(budget), jnp.int32)
     key = jax.random.key(seed)
@@ -609,7 +605,7 @@ def train_policy(
     from ptq_adversary.policy_net import PolicyNet  # noqa: PLC0415
 
     images, labels = _check_inputs(images, labels)
-    graphdef, params, rest = _split_model(model)
+    graphdef, params, rest = split_model(model)
     pol = PolicyNet(
         num_sites=budget.num_sites,
         num_choices=budget.num_choices,
@@ -685,7 +681,7 @@ def evaluate_allocations(
     Returns:
       float32 and bool numpy ``[B]``.
     """
-    graphdef, params, rest = _split_model(model)
+    graphdef, params, rest = split_model(model)
     images, labels = _check_inputs(images, labels)
     bits = np.asarray(bits, np.int32)
     out = [
@@ -887,11 +883,11 @@ def audit(
     if not isinstance(num_sites, int) or num_sites < 1:
         raise ValueError("model must have an int num_sites >= 1 (the bits interface)")
     bud = policy.Budget(tuple(int(c) for c in choices), num_sites, float(budget))
-    graphdef, params, rest = _split_model(model)
+    graphdef, params, rest = split_model(model)
     site_names = tuple(getattr(model, "site_names", None) or (f"site{i}" for i in range(num_sites)))
     images, labels = _check_inputs(images, labels)
     num_classes = jax.eval_shape(lambda x: model(x), jnp.asarray(images[:1])).shape[-1]
-    _check_inputs(images, labels, num_classes=num_classes)
+    _check_labels(labels, num_classes)
 
     fp = [
         _fp_eval(
