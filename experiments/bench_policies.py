@@ -10,7 +10,11 @@ arguments (as in the trainers):
 * ``auto``: ``steps.map_policies`` with the library's per-backend default chunk;
 * ``loop``: a Python loop of P calls of one jitted single-allocation function;
 
-against the **limit** ``P x (full-precision forward of the same batch, with the same sums)``.
+each with the library's default batch branches (``models.inference_branches``: the batch cut
+into independent parts of ~16 examples that XLA:CPU runs concurrently), plus ``auto, 1 branch``
+(the same without branches, as before they existed), against the **limit**
+``P x (full-precision forward of the same batch, with the same sums)``, where the FP forward is
+the faster of one branch and the same branches as the quantized passes.
 Compilation is timed separately (ahead of time) and excluded; medians over repeats.
 
   python experiments/bench_policies.py [--quick]
@@ -60,23 +64,32 @@ def run(quick: bool = False) -> dict[str, Any]:
     images = jax.random.normal(key, (batch, 28, 28, 1))
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 10)
 
-    def fp_eval(params, rest, images, labels):
-        return _sums(models.apply_model(graphdef, params, rest, images)[0], labels)
+    branches = models.inference_branches(batch)
 
-    def one_eval(params, rest, images, labels, bits_bl):
-        return _sums(models.apply_model(graphdef, params, rest, images, bits_bl)[0], labels)
+    def fp_eval(params, rest, images, labels, branches=1):
+        logits = models.apply_model(graphdef, params, rest, images, branches=branches)[0]
+        return _sums(logits, labels)
 
-    def many_eval(chunk):
+    def one_eval(params, rest, images, labels, bits_bl, branches=None):
+        logits = models.apply_model(graphdef, params, rest, images, bits_bl, branches=branches)
+        return _sums(logits[0], labels)
+
+    def many_eval(chunk, branches=None):
         def fn(params, rest, images, labels, bits_pbl):
-            per = lambda b: one_eval(params, rest, images, labels, b)
+            per = lambda b: one_eval(params, rest, images, labels, b, branches)
             return steps.map_policies(per, bits_pbl, chunk=chunk)
 
         return fn
 
     args = (params, rest, images, labels)
-    fp_fn, _ = _compile(fp_eval, *args)
+    fp_fns = {"fp": _compile(fp_eval, *args)[0]}
+    fp_fns["fp branched"] = _compile(functools.partial(fp_eval, branches=branches), *args)[0]
     reps = 3 if quick else 7
-    fp_s = bench_lib.time_fn(lambda: fp_fn(*args), warmup=2, repeats=reps * 2)["median_s"]
+    fp_times = bench_lib.time_interleaved(
+        {k: functools.partial(f, *args) for k, f in fp_fns.items()}, rounds=reps * 2, warmup=2
+    )
+    fp_name = min(fp_times, key=lambda k: fp_times[k]["median_s"])
+    fp_fn, fp_s = fp_fns[fp_name], fp_times[fp_name]["median_s"]
     bits1 = bench_lib.random_bits(key, (batch, num_sites))
     one_fn, _ = _compile(one_eval, *args, bits1)
 
@@ -93,8 +106,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         candidates = [("vmap", num_policies)]
         candidates += [(f"chunk {c}", c) for c in chunks if c != auto_chunk]
         candidates += [(f"auto (chunk {auto_chunk})", None)]
-        for name, chunk in candidates:
-            fn, compile_s[name] = _compile(many_eval(chunk), *args, bits)
+        candidates = [(name, chunk, None) for name, chunk in candidates]
+        candidates += [(f"auto (chunk {auto_chunk}), 1 branch", None, 1)]
+        for name, chunk, n_branches in candidates:
+            fn, compile_s[name] = _compile(many_eval(chunk, n_branches), *args, bits)
             modes[name] = functools.partial(fn, *args, bits)
             per_call[name] = min(chunk or auto_chunk, num_policies)
         modes["loop"] = functools.partial(_loop, one_fn, args, list(bits))
@@ -124,8 +139,14 @@ def run(quick: bool = False) -> dict[str, Any]:
                      "x limit": 1.0, "examples/call": batch})  # fmt: skip
     notes = [
         f"batch B = {batch}; FP forward of the batch {1e3 * fp_s:.1f} ms "
-        f"({1e6 * fp_s / batch:.0f} us/example); library default "
-        f"POLICY_CHUNK_EXAMPLES = {steps.POLICY_CHUNK_EXAMPLES}",
+        f"({1e6 * fp_s / batch:.0f} us/example; one branch "
+        f"{1e3 * fp_times['fp']['median_s']:.1f} ms, {branches} branches "
+        f"{1e3 * fp_times['fp branched']['median_s']:.1f} ms: the limit uses the faster); "
+        f"library defaults POLICY_CHUNK_EXAMPLES = {steps.POLICY_CHUNK_EXAMPLES}, "
+        f"INFERENCE_BRANCH_EXAMPLES = {models.INFERENCE_BRANCH_EXAMPLES} "
+        f"({branches} branches at B = {batch})",
+        "best mode / limit below 1 is possible for P > 1: the first conv reads the image "
+        "(no site before it), so map_policies computes it once for all P policies",
         f"library default (auto) vs limit, worst over P: {max(auto_ratios):.2f}x",
     ]
     return {
@@ -136,7 +157,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def _library_eval_steps(quick: bool) -> list[dict[str, Any]]:
-    """The trainers' evaluation steps at the configs' eval batch: one vmap vs the default.
+    """The trainers' evaluation steps at the configs' eval batch: one vmap, one branch (the
+    library before its chunking and branching) vs the library default.
 
     ``make_eval_step`` with the 3 uniform allocations of ``eval.uniform_bits`` and
     ``make_pair_eval_step`` with greedy + uniform + 4 random allocations (stage C), batch 500
@@ -154,22 +176,24 @@ def _library_eval_steps(quick: bool) -> list[dict[str, Any]]:
     mask = jnp.ones((batch,))
     bits = steps.uniform_bits((8, 6, 4), batch, model.num_sites)
     fns = {}
-    for label, chunk in (("one vmap", 1 << 20), ("library default", None)):
-        ev = jax.jit(steps.make_eval_step(graphdef, chunk=chunk))
+    variants = (("one vmap, one branch", 1 << 20, 1), ("library default", None, None))
+    for label, chunk, branches in variants:
+        ev = jax.jit(steps.make_eval_step(graphdef, chunk=chunk, branches=branches))
         fns[f"make_eval_step, 3 allocations, {label}"] = functools.partial(
             ev, params, rest, images, labels, mask, bits
         )
         pev = jax.jit(steps.make_pair_eval_step(graphdef, pol_graphdef, budget, num_random=4,
-                                                chunk=chunk))  # fmt: skip
+                                                chunk=chunk, branches=branches))  # fmt: skip
         fns[f"make_pair_eval_step, 6 allocations, {label}"] = functools.partial(
             pev, params, rest, pol_params, pol_rest, images, labels, mask, key
         )
     timed = bench_lib.time_interleaved(fns, rounds=3, warmup=1, budget_s=30.0)
     rows = []
     for name, t in timed.items():
-        base = name.replace("library default", "one vmap")
+        base = name.replace("library default", "one vmap, one branch")
+        ratio = t["median_s"] / timed[base]["median_s"]
         rows.append({f"step (batch {batch})": name, "ms": 1e3 * t["median_s"],
-                     "vs one vmap": t["median_s"] / timed[base]["median_s"]})  # fmt: skip
+                     "vs one vmap, one branch": ratio})  # fmt: skip
     return rows
 
 

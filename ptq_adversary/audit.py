@@ -44,7 +44,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from ptq_adversary import data, policy
-from ptq_adversary.models import apply_model, split_model
+from ptq_adversary.models import apply_model, batch_branches, inference_branches, split_model
 
 __all__ = [
     "METHODS",
@@ -146,7 +146,9 @@ def _stage_sites(model: nnx.Module) -> list[int] | None:
 def _stage_call(graphdef, index, params, rest, h, bits_k):
     """Stage ``index`` on ``h [B, ...]`` with the same bits ``[k]`` for every example."""
     fn = nnx.merge(graphdef, params, rest).stages()[index][1]
-    return fn(h, jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0])))
+    bits = jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0]))
+    # The batch branches of apply_model's quantized inference (which the naive path uses).
+    return batch_branches(fn, inference_branches(h.shape[0]), h, bits)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -467,6 +469,32 @@ def _select(pool_idx, pool_loss, width: int):
     return jnp.transpose(idx, (1, 0, 2)), top_loss.T
 
 
+def low_bit_starts(budget: policy.Budget) -> np.ndarray:
+    """One allocation per site that puts that site at the lowest choice.
+
+    Allocation ``i`` gives site ``i`` the lowest bit-width and spreads the rest of the exact
+    bit sum over the other sites as evenly as the choices allow
+    (:func:`policy.uniform_allocation` of the remaining ``L - 1`` sites). Under a fixed budget
+    the damaging allocations concentrate the cut on a few sites, and these are the ``L``
+    single-site extremes: cheap, deterministic starting points for local search.
+
+    Returns:
+      int32 ``[S, L]`` distinct choice indices, ``S <= L`` (sites whose extreme cannot meet the
+      budget are left out; none for ``L = 1``).
+    """
+    L = budget.num_sites
+    if L < 2:
+        return np.zeros((0, L), np.int32)
+    lowest = budget.choices[0]
+    try:
+        rest_budget = policy.Budget(budget.choices, L - 1, (budget.total - lowest) / (L - 1))
+    except policy.InfeasibleBudgetError:
+        return np.zeros((0, L), np.int32)
+    rest = policy.uniform_allocation(rest_budget)
+    starts = [np.insert(rest, i, 0) for i in range(L)]
+    return np.unique(np.stack(starts).astype(np.int32), axis=0)
+
+
 def beam_search(
     model: nnx.Module,
     images: ArrayLike,
@@ -477,6 +505,7 @@ def beam_search(
     num_moves: int = 8,
     num_iters: int = 4,
     num_init: int = 0,
+    low_starts: bool = False,
     seed: int = 0,
     example_chunk: int = 64,
 ) -> SearchResult:
@@ -487,8 +516,10 @@ def beam_search(
     them, and keeps the ``width`` best distinct allocations among beam and candidates.
     ``width=1`` is greedy hill climbing. With ``num_init``, the first beam is the best of the
     uniform allocation and ``num_init`` random feasible ones (random restarts: on a model with
-    few sites the damaging allocations can be far from uniform). Cost:
-    ``1 + num_init + num_iters * width * num_moves`` forward passes per example.
+    few sites the damaging allocations can be far from uniform). With ``low_starts`` the first
+    beam also competes with the :func:`low_bit_starts` (each site alone at the lowest choice).
+    Cost: ``1 + num_init + S + num_iters * width * num_moves`` forward passes per example
+    (``S = len(low_bit_starts(budget))`` with ``low_starts``, else 0).
 
     Args:
       model: a model with the ``bits`` interface.
@@ -498,6 +529,7 @@ def beam_search(
       num_moves: ``M``, candidates drawn per beam entry and iteration.
       num_iters: iterations.
       num_init: random feasible allocations evaluated to seed the beam.
+      low_starts: also seed the beam with :func:`low_bit_starts`.
       seed: PRNG seed of the move and initial draws.
       example_chunk: examples per compiled call.
 
@@ -507,6 +539,8 @@ def beam_search(
     graphdef, params, rest = split_model(model)
     images, labels = _check_inputs(images, labels)
     uniform = jnp.asarray(policy.uniform_allocation(budget), jnp.int32)
+    starts = low_bit_starts(budget) if low_starts else np.zeros((0, budget.num_sites))
+    starts = jnp.asarray(starts, jnp.int32)
     key = jax.random.key(seed)
     draw = jax.jit(jax.vmap(jax.vmap(lambda k: policy.sample_uniform(k, budget))))
 
@@ -534,10 +568,12 @@ def beam_search(
         # random feasible allocations.
         beam_idx = jnp.broadcast_to(uniform, (width, batch, len(uniform)))
         beam_loss = jnp.concatenate([loss, jnp.full((width - 1, batch), -jnp.inf)])
-        if num_init:
-            init_key = jax.random.fold_in(jax.random.fold_in(key, start), 2**31 - 1)
-            keys = jax.random.split(init_key, num_init * batch)
-            init_idx = draw(keys.reshape(num_init, batch))
+        if num_init or len(starts):
+            init_idx = jnp.broadcast_to(starts[:, None], (len(starts), batch, len(uniform)))
+            if num_init:
+                init_key = jax.random.fold_in(jax.random.fold_in(key, start), 2**31 - 1)
+                keys = jax.random.split(init_key, num_init * batch)
+                init_idx = jnp.concatenate([init_idx, draw(keys.reshape(num_init, batch))])
             init_bits = policy.to_bits(init_idx, budget)
             loss, correct = _eval_per_example(graphdef, params, rest, x, y, init_bits)
             tracker.update(np.asarray(loss), np.asarray(correct), np.asarray(init_bits))

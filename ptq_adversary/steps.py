@@ -277,7 +277,7 @@ def uniform_bits(choices: Sequence[int], batch: int, num_sites: int) -> jax.Arra
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, *, chunk: int | None = None
+    graphdef: nnx.GraphDef, *, chunk: int | None = None, branches: int | None = None
 ) -> Callable[..., dict[str, jax.Array]]:
     """An evaluation step: full precision and P bit allocations in one call, masked sums.
 
@@ -288,6 +288,8 @@ def make_eval_step(
     Args:
       graphdef: the model's graph definition.
       chunk: policies per vmapped call (``None``: :func:`policy_chunk` for the backend).
+      branches: batch branches of each quantized pass (``None``: the backend's default,
+        :func:`models.inference_branches`; see :func:`models.apply_model`).
 
     Returns:
       ``step(params, rest, images [B,H,W,C], labels [B], mask [B], bits [P,B,L] int) ->
@@ -307,7 +309,7 @@ def make_eval_step(
         fp_correct, fp_loss = masked_sums(fp_logits, labels, mask)
 
         def quantized(bits_bl):
-            q_logits, _ = apply_model(graphdef, params, rest, images, bits_bl)
+            q_logits, _ = apply_model(graphdef, params, rest, images, bits_bl, branches=branches)
             return masked_sums(q_logits, labels, mask)
 
         q_correct, q_loss = map_policies(quantized, bits, chunk=chunk)
@@ -567,6 +569,7 @@ def make_pair_eval_step(
     *,
     num_random: int,
     chunk: int | None = None,
+    branches: int | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Evaluates a network/policy pair and its reference allocations in one pass.
 
@@ -574,7 +577,8 @@ def make_pair_eval_step(
     allocation at the budget (:func:`policy.uniform_allocation`) and ``num_random`` allocations
     drawn uniformly from all feasible ones. All quantized passes run in one call over the
     allocation axis (:func:`map_policies`, in chunks of ``chunk`` allocations; ``None``: the
-    backend's default).
+    backend's default), each pass in ``branches`` batch branches (``None``: the backend's
+    default, :func:`models.inference_branches`).
 
     Returns:
       ``step(params, rest, policy_params, policy_rest, images [B,H,W,C], labels [B],
@@ -602,7 +606,9 @@ def make_pair_eval_step(
         )  # [2 + R, B, L]
         bits = policy.to_bits(allocations, budget)
         q_logits = map_policies(
-            lambda b: apply_model(graphdef, params, rest, images, b)[0], bits, chunk=chunk
+            lambda b: apply_model(graphdef, params, rest, images, b, branches=branches)[0],
+            bits,
+            chunk=chunk,
         )
         fp_right = (jnp.argmax(fp_logits, -1) == labels).astype(jnp.float32)
         q_right = (jnp.argmax(q_logits, -1) == labels[None]).astype(jnp.float32)  # [A, B]

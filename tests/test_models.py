@@ -268,6 +268,52 @@ def test_different_bit_values_compile_once():
     assert not np.allclose(outs[0], outs[3], atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_batch_branches_are_bit_identical_to_one_branch(name):
+    model, _ = _tiny(name)
+    kwargs, c, hw, _ = _TINY[name]
+    g, p, r = models.split_model(model)
+    x = jax.random.normal(jax.random.key(3), (12, hw, hw, c))
+    bits = jax.random.randint(jax.random.key(4), (12, model.num_sites), 2, 9)
+    fwd = jax.jit(
+        lambda x, b, k: models.apply_model(g, p, r, x, b, branches=k)[0], static_argnums=2
+    )
+    one = fwd(x, bits, 1)
+    for k in (2, 5, 6):  # equal and unequal parts (array_split), >= 2 examples each
+        np.testing.assert_array_equal(fwd(x, bits, k), one)
+    # The same under a vmap over policies (the branches split each policy's batch).
+    bits_pbl = jnp.stack([bits, jnp.flip(bits, 0)])
+    vmapped = jax.jit(jax.vmap(lambda b: models.apply_model(g, p, r, x, b, branches=4)[0]))
+    looped = jax.jit(jax.vmap(lambda b: models.apply_model(g, p, r, x, b, branches=1)[0]))
+    np.testing.assert_array_equal(vmapped(bits_pbl), looped(bits_pbl))
+    # Frozen-BN training passes (stage B) may branch too, and keep their gradients.
+    grad = lambda k: jax.grad(
+        lambda p: jnp.sum(
+            models.apply_model(g, p, r, x, bits, train=True, frozen_bn=True, branches=k)[0]
+        )
+    )(p)
+    for a, b in zip(jax.tree.leaves(grad(1)), jax.tree.leaves(grad(3)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_branches_default_and_validation():
+    model, x = _tiny("cnn")
+    g, p, r = models.split_model(model)
+    # The automatic count: ~INFERENCE_BRANCH_EXAMPLES examples per branch, clipped.
+    assert models.inference_branches(128, "cpu") == 128 // models.INFERENCE_BRANCH_EXAMPLES["cpu"]
+    assert models.inference_branches(4, "cpu") == 1
+    assert models.inference_branches(10**6, "cpu") == models.MAX_INFERENCE_BRANCHES
+    assert models.inference_branches(128, "no-such-backend") == 1
+    with pytest.raises(ValueError, match="batch statistics"):
+        models.apply_model(g, p, r, x, train=True, branches=2)
+    with pytest.raises(ValueError, match="branches must be >= 1"):
+        models.apply_model(g, p, r, x, branches=0)
+    # More branches than examples: one example per branch.
+    bits = jnp.full((2, model.num_sites), 4, jnp.int32)
+    out = models.apply_model(g, p, r, x, bits, branches=7)[0]
+    assert out.shape == (2, 3)
+
+
 # --- BatchNorm modes and per-example independence -----------------------------------------------
 
 
