@@ -50,11 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.audit.methods = ("uniform", "random", "greedy", "beam", "policy", "exhaustive")
     config.audit.num_examples = arg.examples
     config.audit.max_allocations = 5000  # exhaustive only up to this many allocations
-    # Searches: 1 + num_iters * beam_width * num_moves = 65 forward passes per example, and
-    # random search gets the same number (num_random None).
+    # Searches: 1 + L + num_iters * beam_width * num_moves = 69 forward passes per example for
+    # the 4-site student (L low-bit starts: each site alone at the lowest choice; 65 without),
+    # and random search gets the same number (num_random None).
     config.audit.beam_width = 4
     config.audit.num_moves = 4
     config.audit.num_iters = 4
+    config.audit.low_starts = True
     config.audit.num_random = ml_collections.config_dict.placeholder(int)
     config.audit.example_chunk = 128
     config.audit.policy = ml_collections.ConfigDict()

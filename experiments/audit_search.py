@@ -3,7 +3,9 @@ worst case (issue: "greedy/beam search finds at least as much damage as random s
 same number of evaluations, and on the default CNN is compared against the exact worst case").
 
 For each evaluation budget E (forward passes per example), greedy (beam width 1), beam search
-(width 2-4) and random search (E uniform draws from all feasible allocations) attack the same
+(width 2-4), each also with random restarts and with low-bit starts (seeded with the L
+allocations that put one site at the lowest choice, ``audit.low_bit_starts``), and random
+search (E uniform draws from all feasible allocations) attack the same
 frozen model on the same test images; the exhaustive enumeration gives the exact worst case.
 Reported per method and E: accuracy under the attack (correct under every allocation
 evaluated), FP-correct examples flipped, and how often the search reached the exact worst loss.
@@ -32,17 +34,21 @@ from ptq_adversary import artifacts, audit, data, metrics, models, policy  # noq
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 BUDGET = 4.0
-# (iterations, beam width, moves per beam entry, random initial draws)
-# -> E = 1 + initial draws + iterations * width * moves.
+# (iterations, beam width, moves per beam entry, random initial draws, low-bit starts)
+# -> E = 1 + initial draws + (4 with low-bit starts) + iterations * width * moves.
 SETTINGS = {
-    9: {"greedy": (2, 1, 4, 0), "beam": (2, 2, 2, 0),
-        "greedy+restarts": (1, 1, 4, 4), "beam+restarts": (2, 2, 1, 4)},
-    17: {"greedy": (4, 1, 4, 0), "beam": (4, 2, 2, 0),
-         "greedy+restarts": (2, 1, 4, 8), "beam+restarts": (2, 2, 2, 8)},
-    33: {"greedy": (4, 1, 8, 0), "beam": (4, 4, 2, 0),
-         "greedy+restarts": (4, 1, 4, 16), "beam+restarts": (4, 2, 2, 16)},
-    65: {"greedy": (8, 1, 8, 0), "beam": (8, 4, 2, 0),
-         "greedy+restarts": (4, 1, 8, 32), "beam+restarts": (4, 4, 2, 32)},
+    9: {"greedy": (2, 1, 4, 0, False), "beam": (2, 2, 2, 0, False),
+        "greedy+restarts": (1, 1, 4, 4, False), "beam+restarts": (2, 2, 1, 4, False),
+        "greedy+low starts": (1, 1, 4, 0, True), "beam+low starts": (1, 2, 2, 0, True)},
+    17: {"greedy": (4, 1, 4, 0, False), "beam": (4, 2, 2, 0, False),
+         "greedy+restarts": (2, 1, 4, 8, False), "beam+restarts": (2, 2, 2, 8, False),
+         "greedy+low starts": (3, 1, 4, 0, True), "beam+low starts": (3, 2, 2, 0, True)},
+    33: {"greedy": (4, 1, 8, 0, False), "beam": (4, 4, 2, 0, False),
+         "greedy+restarts": (4, 1, 4, 16, False), "beam+restarts": (4, 2, 2, 16, False),
+         "greedy+low starts": (7, 1, 4, 0, True), "beam+low starts": (7, 2, 2, 0, True)},
+    65: {"greedy": (8, 1, 8, 0, False), "beam": (8, 4, 2, 0, False),
+         "greedy+restarts": (4, 1, 8, 32, False), "beam+restarts": (4, 4, 2, 32, False),
+         "greedy+low starts": (15, 1, 4, 0, True), "beam+low starts": (15, 2, 2, 0, True)},
 }  # fmt: skip
 _SOURCES = {
     "student": "student/model",
@@ -89,7 +95,7 @@ def main() -> None:
         t0 = time.perf_counter()
         found = {"random": audit.random_search(model, x, y, bud, num_samples=e, seed=args.seed)}
         found_s = {"random": time.perf_counter() - t0}
-        for name, (iters, width, moves, init) in SETTINGS[e].items():
+        for name, (iters, width, moves, init, low) in SETTINGS[e].items():
             t0 = time.perf_counter()
             found[name] = audit.beam_search(
                 model,
@@ -100,6 +106,7 @@ def main() -> None:
                 num_moves=moves,
                 num_iters=iters,
                 num_init=init,
+                low_starts=low,
                 seed=args.seed,
             )
             found_s[name] = time.perf_counter() - t0
@@ -158,7 +165,8 @@ def _plot(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     exact = rows[0]
     styles = (("random", "o--"), ("greedy", "s-"), ("beam", "^-"),
-              ("greedy+restarts", "s:"), ("beam+restarts", "^:"))  # fmt: skip
+              ("greedy+restarts", "s:"), ("beam+restarts", "^:"),
+              ("greedy+low starts", "s-."), ("beam+low starts", "^-."))  # fmt: skip
     for name, style in styles:
         r = [row for row in rows if row["method"] == name]
         e = [row["evaluations"] for row in r]

@@ -92,6 +92,14 @@ def run(quick: bool = False) -> dict[str, Any]:
     fp_fn, fp_s = fp_fns[fp_name], fp_times[fp_name]["median_s"]
     bits1 = bench_lib.random_bits(key, (batch, num_sites))
     one_fn, _ = _compile(one_eval, *args, bits1)
+    # The branches change the schedule, not the numbers: logits of both, bit for bit.
+    logits = [
+        jax.jit(lambda b, k=k: models.apply_model(graphdef, params, rest, images, b, branches=k))(
+            bits1
+        )[0]
+        for k in (1, branches)
+    ]
+    identical = bool(jnp.array_equal(*logits))
 
     rows: list[dict[str, Any]] = []
     worst_best = 0.0
@@ -145,6 +153,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"library defaults POLICY_CHUNK_EXAMPLES = {steps.POLICY_CHUNK_EXAMPLES}, "
         f"INFERENCE_BRANCH_EXAMPLES = {models.INFERENCE_BRANCH_EXAMPLES} "
         f"({branches} branches at B = {batch})",
+        f"logits with {branches} branches bit-identical to one branch: {identical}",
         "best mode / limit below 1 is possible for P > 1: the first conv reads the image "
         "(no site before it), so map_policies computes it once for all P policies",
         f"library default (auto) vs limit, worst over P: {max(auto_ratios):.2f}x",

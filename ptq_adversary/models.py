@@ -616,8 +616,8 @@ def apply_model(
       branches: static; split the batch into this many parts computed as independent
         branches of one program and concatenated. Every op of an inference pass is per
         example, so only the schedule changes: the logits equal the unsplit pass up to the
-        float rounding of differently sized convolutions (bit-identical for the package's
-        models on CPU at >= 2 examples per branch, tests/test_models.py). ``None``:
+        float rounding of differently sized convolutions (tests/test_models.py; bit-identical
+        for the default student on 28x28 inputs, experiments/bench_policies.py checks). ``None``:
         :func:`inference_branches` for quantized inference (``bits`` given, ``train=False``),
         else 1 (full-precision passes are one fused kernel on XLA:CPU and gain nothing).
         Values above ``B`` are clipped to ``B``; a value > 1 with batch statistics

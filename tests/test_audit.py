@@ -161,8 +161,9 @@ def test_audit_searches_are_bounded_by_the_exact_worst_case(tiny_audit):
         assert not np.any(m.broken & ~exact.broken), name  # nothing the oracle misses
         assert m.accuracy >= exact.accuracy, name
         assert _feasible(m.bits, budget), name
-    assert r.methods["greedy"].evaluations == r.methods["beam"].evaluations == 1 + 2 * 2 * 3
-    assert r.methods["random_search"].evaluations == 13  # equal cost by default
+    # uniform + 4 low-bit starts + iterations x width x moves
+    assert r.methods["greedy"].evaluations == r.methods["beam"].evaluations == 1 + 4 + 2 * 2 * 3
+    assert r.methods["random_search"].evaluations == 17  # equal cost by default
     # The reported breaking allocation really breaks each vulnerable example.
     loss, correct = audit.evaluate_allocations(model, x, y, r.breaking_bits)
     np.testing.assert_array_equal(~correct & r.fp_correct, r.vulnerable)
@@ -284,3 +285,30 @@ def test_beam_search_with_random_restarts():
     assert _feasible(r.worst_bits, budget) and _feasible(r.broken_bits, budget)
     exact_loss, _ = audit.exhaustive(model, x, y, _all_bits(budget))
     assert np.all(r.worst_loss <= exact_loss.max(axis=0) + 1e-5)
+
+
+def test_low_bit_starts_put_one_site_at_the_lowest_choice():
+    budget = policy.Budget(CHOICES, 4, 4.0)
+    starts = audit.low_bit_starts(budget)
+    bits = np.asarray(policy.to_bits(starts, budget))
+    assert starts.shape == (4, 4) and len(np.unique(starts, axis=0)) == 4
+    assert np.all(bits.sum(-1) == budget.total)
+    assert sorted(np.argmin(bits, -1).tolist()) == [0, 1, 2, 3]
+    assert np.all(np.sort(bits, -1)[:, :2] == [[2, 4]] * 4)  # 2 + the rest spread: 2,4,5,5
+    # No room for the lowest choice (budget = the lowest choice everywhere), and L = 1.
+    assert audit.low_bit_starts(policy.Budget(CHOICES, 3, 2.0)).shape[0] == 1
+    assert audit.low_bit_starts(policy.Budget(CHOICES, 1, 4.0)).shape == (0, 1)
+
+
+def test_beam_search_with_low_bit_starts_evaluates_them():
+    model = _cnn(seed=4)
+    x, y = _images(8, seed=2)
+    budget = policy.Budget(CHOICES, model.num_sites, 4.0)
+    kwargs = dict(width=1, num_moves=2, num_iters=1, example_chunk=8)
+    r = audit.beam_search(model, x, y, budget, low_starts=True, **kwargs)
+    assert r.evaluations == 1 + 4 + 2
+    # Every low-bit start was evaluated: the found worst is at least each start's loss.
+    start_bits = np.asarray(policy.to_bits(audit.low_bit_starts(budget), budget))
+    loss, _ = audit.exhaustive(model, x, y, start_bits)
+    assert np.all(r.worst_loss >= loss.max(axis=0) - 1e-6)
+    assert _feasible(r.worst_bits, budget)

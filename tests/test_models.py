@@ -269,7 +269,7 @@ def test_different_bit_values_compile_once():
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet20"])
-def test_batch_branches_are_bit_identical_to_one_branch(name):
+def test_batch_branches_equal_one_branch(name):
     model, _ = _tiny(name)
     kwargs, c, hw, _ = _TINY[name]
     g, p, r = models.split_model(model)
@@ -279,13 +279,15 @@ def test_batch_branches_are_bit_identical_to_one_branch(name):
         lambda x, b, k: models.apply_model(g, p, r, x, b, branches=k)[0], static_argnums=2
     )
     one = fwd(x, bits, 1)
-    for k in (2, 5, 6):  # equal and unequal parts (array_split), >= 2 examples each
-        np.testing.assert_array_equal(fwd(x, bits, k), one)
+    # Equal and unequal parts (array_split). A convolution over fewer examples may pick another
+    # kernel and round differently in the last bit, so: equal up to float rounding.
+    for k in (2, 5, 6):
+        np.testing.assert_allclose(fwd(x, bits, k), one, rtol=1e-5, atol=1e-5)
     # The same under a vmap over policies (the branches split each policy's batch).
     bits_pbl = jnp.stack([bits, jnp.flip(bits, 0)])
     vmapped = jax.jit(jax.vmap(lambda b: models.apply_model(g, p, r, x, b, branches=4)[0]))
     looped = jax.jit(jax.vmap(lambda b: models.apply_model(g, p, r, x, b, branches=1)[0]))
-    np.testing.assert_array_equal(vmapped(bits_pbl), looped(bits_pbl))
+    np.testing.assert_allclose(vmapped(bits_pbl), looped(bits_pbl), rtol=1e-5, atol=1e-5)
     # Frozen-BN training passes (stage B) may branch too, and keep their gradients.
     grad = lambda k: jax.grad(
         lambda p: jnp.sum(

@@ -45,6 +45,9 @@ def rules() -> list[Any]:
             return f"must be a non-empty list of {list(audit.METHODS)}, got {v!r}"
         return None
 
+    def boolean(v: Any) -> str | None:
+        return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
+
     pos_int, pos_float = config_lib._positive(int), config_lib._positive(float)
     return [
         *config_lib._common_rules(),
@@ -57,6 +60,7 @@ def rules() -> list[Any]:
         R("audit.beam_width", pos_int),
         R("audit.num_moves", pos_int),
         R("audit.num_iters", pos_int),
+        R("audit.low_starts", boolean),
         R("audit.num_random", pos_int, optional=True),
         R("audit.example_chunk", pos_int),
         R("audit.policy.steps", pos_int),
@@ -150,7 +154,7 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         model, images, labels, choices=tuple(a.choices), budget=a.budget,
         methods=tuple(a.methods), max_allocations=a.max_allocations,
         beam_width=a.beam_width, num_moves=a.num_moves, num_iters=a.num_iters,
-        num_random=a.num_random,
+        low_starts=a.low_starts, num_random=a.num_random,
         policy_config=audit.PolicyConfig(
             steps=a.policy.steps, batch_size=a.policy.batch_size,
             num_samples=a.policy.num_samples, learning_rate=a.policy.learning_rate,
