@@ -57,7 +57,7 @@ def _compile(fn, *args):
 def run(quick: bool = False) -> dict[str, Any]:
     """Times every mode for each P; ratio = max over P of (best mode / limit)."""
     batch = 64 if quick else 128
-    plan = {1: [], 8: [1, 4], 32: [1, 4]} if quick else {1: [], 8: [2, 4], 64: [2, 4, 16], 256: [4]}
+    plan = {1: [], 8: [1, 4], 32: [1, 4]} if quick else {1: [], 8: [4], 64: [4], 256: []}
     model, graphdef, params, rest = bench_lib.make_cnn()
     num_sites = model.num_sites
     key = jax.random.PRNGKey(0)
@@ -111,7 +111,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         modes: dict[str, Any] = {}
         per_call: dict[str, int] = {}  # policies per vmapped call
         compile_s: dict[str, float] = {}
-        candidates = [("vmap", num_policies)]
+        # One vmap of 256 policies x 128 inputs takes ~2.6x the limit (a run on 2026-11-30):
+        # left out at that size to keep the suite short.
+        candidates = [("vmap", num_policies)] if num_policies <= 64 else []
         candidates += [(f"chunk {c}", c) for c in chunks if c != auto_chunk]
         candidates += [(f"auto (chunk {auto_chunk})", None)]
         candidates = [(name, chunk, None) for name, chunk in candidates]
