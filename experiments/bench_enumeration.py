@@ -40,7 +40,7 @@ CHOICES = (2, 3, 4, 5, 6, 8)
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Times every path on one batch; ratio = naive loop / prefix-shared."""
-    batch, rounds = (128, 2) if quick else (512, 3)
+    batch, rounds = (128, 2) if quick else (256, 3)
     model, graphdef, params, rest = bench_lib.make_cnn()
     budget = policy.Budget(CHOICES, model.num_sites, 4.0)
     allocs = np.asarray(policy.to_bits(policy.enumerate_allocations(budget), budget))
@@ -65,7 +65,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             lambda b: models.apply_model(graphdef, params, rest, x, b)[0], bits, chunk=chunk
         )
 
-    shared_cfgs = [(128, 1), (128, 4)] if quick else [(512, 1)]
+    shared_cfgs = [(128, 1), (128, 4)] if quick else [(256, 1)]
     fns = {
         f"prefix-shared (examples {ec}, rows {rc})": (
             lambda ec=ec, rc=rc: audit.exhaustive(

@@ -300,7 +300,7 @@ def _compare(torch, threads: int, quick: bool, vmap_row: bool = False) -> dict[s
         out["vmap_compile_s"] = time.perf_counter() - t0
         candidates["vmap"] = vmap_once
     torch_step(*tb)  # warm-up (oneDNN primitive caches)
-    rounds, per_round = (2, 3) if quick else (3, 4)
+    rounds, per_round = (2, 3) if quick else (3, 3)
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(rounds):  # interleaved, so load changes hit every candidate alike
         for name, fn in candidates.items():

@@ -568,9 +568,9 @@ INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
 
 #: Upper bound on the automatic branch count: the program holds one copy of the model per
 #: branch, and compile time grows with it (eval step of the default student: ~3 s with one
-#: branch, ~3.5 s with 4, ~7 s with 8, ~11 s with 16). 4 and 8 branches ran equally fast at
-#: B = 128; 8 was 5-10 % faster at B = 500.
-MAX_INFERENCE_BRANCHES = 4
+#: branch, ~3.5 s with 4, ~7 s with 8, ~11 s with 16). In two suite runs 8 branches (16
+#: examples each at B = 128) evaluated 64-256 policies 1.2-1.4x faster than 4 branches.
+MAX_INFERENCE_BRANCHES = 8
 
 
 def inference_branches(batch: int, backend: str | None = None) -> int:
