@@ -561,9 +561,9 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 #: activation quantizer splits the forward pass into separate conv, reduce and elementwise
 #: kernels that run one after another, each over the whole batch; cutting the batch into
 #: independent branches of ~16 examples lets the runtime overlap one branch's quantizer with
-#: another's convolutions and keeps each branch's activations in cache (default student at
-#: B = 128: 1.3-1.6x faster than one branch, experiments/bench_policies.py). Backends not
-#: listed (GPU, TPU) run the whole batch as one branch.
+#: another's convolutions (default student at B = 128: 1.1-1.6x faster than one branch,
+#: experiments/bench_policies.py). Backends not listed (GPU, TPU: not measured) run the whole
+#: batch as one branch.
 INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
 
 #: Upper bound on the automatic branch count: the program holds one copy of the model per
