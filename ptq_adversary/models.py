@@ -568,8 +568,9 @@ INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
 
 #: Upper bound on the automatic branch count: the program holds one copy of the model per
 #: branch, and compile time grows with it (eval step of the default student: ~3 s with one
-#: branch, ~3.5 s with 4, ~7 s with 8, ~11 s with 16). In two suite runs 8 branches (16
-#: examples each at B = 128) evaluated 64-256 policies 1.2-1.4x faster than 4 branches.
+#: branch, ~3.5 s with 4, ~7 s with 8, ~11 s with 16, measured once). In the runs of
+#: experiments/bench_policies.py on 2026-11-30, 64-256 policies at B = 128 cost 0.70-1.00x
+#: the limit (P FP passes) with 8 branches and 1.18-1.30x with 4.
 MAX_INFERENCE_BRANCHES = 8
 
 
