@@ -40,6 +40,7 @@ __all__ = [
     "WideResNet",
     "INFERENCE_BRANCH_EXAMPLES",
     "MAX_INFERENCE_BRANCHES",
+    "MIN_BRANCHED_BATCH",
     "apply_model",
     "batch_branches",
     "cnn",
@@ -573,6 +574,12 @@ INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
 #: the limit (P FP passes) with 8 branches and 1.18-1.30x with 4.
 MAX_INFERENCE_BRANCHES = 8
 
+#: Smallest batch that is split automatically: below it a pass takes a few milliseconds and the
+#: extra compile time of the branch copies (seconds) dominates short jobs and tests (a
+#: fresh-clone test run took 1030 s with the smoke configs' 64-example evaluations branched,
+#: against 506 s before branches existed, partly on a slower machine).
+MIN_BRANCHED_BATCH = 128
+
 
 def inference_branches(batch: int, backend: str | None = None) -> int:
     """The default number of batch branches for a quantized inference pass over ``batch``.
@@ -583,10 +590,11 @@ def inference_branches(batch: int, backend: str | None = None) -> int:
 
     Returns:
       ``round(B / INFERENCE_BRANCH_EXAMPLES[backend])`` clipped to
-      ``[1, MAX_INFERENCE_BRANCHES]``; 1 for backends without an entry.
+      ``[1, MAX_INFERENCE_BRANCHES]``; 1 for backends without an entry and for
+      ``B < MIN_BRANCHED_BATCH``.
     """
     target = INFERENCE_BRANCH_EXAMPLES.get(backend or jax.default_backend())
-    if target is None:
+    if target is None or batch < MIN_BRANCHED_BATCH:
         return 1
     return max(1, min(MAX_INFERENCE_BRANCHES, round(batch / target)))
 

@@ -305,8 +305,10 @@ def test_batch_branches_default_and_validation():
     model, x = _tiny("cnn")
     g, p, r = models.split_model(model)
     # The automatic count: ~INFERENCE_BRANCH_EXAMPLES examples per branch, clipped.
-    assert models.inference_branches(32, "cpu") == 32 // models.INFERENCE_BRANCH_EXAMPLES["cpu"]
-    assert models.inference_branches(4, "cpu") == 1
+    assert models.inference_branches(128, "cpu") == min(
+        models.MAX_INFERENCE_BRANCHES, 128 // models.INFERENCE_BRANCH_EXAMPLES["cpu"]
+    )
+    assert models.inference_branches(models.MIN_BRANCHED_BATCH - 1, "cpu") == 1
     assert models.inference_branches(10**6, "cpu") == models.MAX_INFERENCE_BRANCHES
     assert models.inference_branches(128, "no-such-backend") == 1
     with pytest.raises(ValueError, match="batch statistics"):
