@@ -574,10 +574,9 @@ INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
 #: the limit (P FP passes) with 8 branches and 1.18-1.30x with 4.
 MAX_INFERENCE_BRANCHES = 8
 
-#: Smallest batch that is split automatically: below it a pass takes a few milliseconds and the
-#: extra compile time of the branch copies (seconds) dominates short jobs and tests (a
-#: fresh-clone test run took 1030 s with the smoke configs' 64-example evaluations branched,
-#: against 506 s before branches existed, partly on a slower machine).
+#: Smallest batch that is split automatically: below it a pass takes a few milliseconds, and
+#: the extra compile time of the branch copies (seconds per program) outweighs the gain in
+#: short jobs (the smoke configs and tests evaluate 64 examples or fewer).
 MIN_BRANCHED_BATCH = 128
 
 
