@@ -636,18 +636,17 @@ def apply_model(
       ``(logits, new_rest)``: float ``[B, num_classes]`` and the updated non-parameter state,
       which differs from ``rest`` only when ``train and not frozen_bn``.
     """
-    batch_stats = train and not frozen_bn
-    batch = jnp.shape(x)[0] if jnp.ndim(x) else 0
     if branches is None:
-        branches = 1 if bits is None or batch_stats or train else inference_branches(batch)
+        batch = jnp.shape(x)[0] if jnp.ndim(x) else 0
+        branches = 1 if bits is None or train else inference_branches(batch)
     if branches < 1:
         raise ValueError(f"branches must be >= 1, got {branches}")
-    if branches > 1 and batch_stats:
+    if branches > 1 and train and not frozen_bn:
         raise ValueError(
             "branches > 1 needs per-example computation, but train=True without frozen_bn "
             "normalizes with batch statistics (which would differ per branch)"
         )
-    if branches > 1 and batch > 1:
+    if branches > 1:  # batch_branches clips to B; inference and frozen BN leave `rest` as is
         fn = lambda x, b: _apply(graphdef, params, rest, x, b, train=train, frozen_bn=frozen_bn)[0]
         return batch_branches(fn, branches, x, bits), rest
     return _apply(graphdef, params, rest, x, bits, train=train, frozen_bn=frozen_bn)
