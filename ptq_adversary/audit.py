@@ -142,29 +142,49 @@ def _stage_sites(model: nnx.Module) -> list[int] | None:
     return [k for k, _ in model.stages()]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _stage_call(graphdef, index, params, rest, h, bits_k):
-    """Stage ``index`` on ``h [B, ...]`` with the same bits ``[k]`` for every example."""
-    fn = nnx.merge(graphdef, params, rest).stages()[index][1]
-    bits = jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0]))
-    # The batch branches of apply_model's quantized inference (which the naive path uses).
-    return batch_branches(fn, inference_branches(h.shape[0]), h, bits)
+def _segment(graphdef, stages, params, rest, h, bits):
+    """Stages ``stages`` (consecutive indices) on ``h [B, ...]``, bits ``[k_s]`` per stage, the
+    same for every example."""
+    fns = nnx.merge(graphdef, params, rest).stages()
+    for index, bits_k in zip(stages, bits, strict=True):
+        h = fns[index][1](h, jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0])))
+    return h
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _segment_group(graphdef, stages, branches, params, rest, hs, bits):
+    """:func:`_segment` on a tuple of ``G`` prefixes as independent branches of one program.
+
+    ``hs``: ``G`` activations ``[B, ...]``; ``bits``: ``G`` tuples of per-stage bits. Each
+    prefix's batch is further cut into ``branches`` batch branches (see
+    :func:`~ptq_adversary.models.batch_branches`).
+    """
+    seg = lambda h, *b: _segment(graphdef, stages, params, rest, h, b)
+    return tuple(batch_branches(seg, branches, h, *b) for h, b in zip(hs, bits, strict=True))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _stage_group(graphdef, index, params, rest, hs, bits):
-    """:func:`_stage_call` on a tuple of prefixes as independent branches of one program."""
-    return tuple(
-        _stage_call.__wrapped__(graphdef, index, params, rest, h, b)
-        for h, b in zip(hs, bits, strict=True)
-    )
+def _segment_rows(graphdef, stages, params, rest, h_rb, bits):
+    """:func:`_segment` vmapped over ``R`` prefixes: ``h [R, B, ...]``, bits ``R``-stacked."""
+    fn = lambda h, b: _segment(graphdef, stages, params, rest, h, b)
+    return jax.vmap(fn)(h_rb, bits)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _stage_rows(graphdef, index, params, rest, h_rb, bits_rk):
-    """:func:`_stage_call` vmapped over ``R`` prefixes: ``h [R, B, ...]``, bits ``[R, k]``."""
-    fn = lambda h, b: _stage_call(graphdef, index, params, rest, h, b)
-    return jax.vmap(fn)(h_rb, bits_rk)
+def _segments(levels: Sequence[PrefixLevel]) -> list[tuple[int, ...]]:
+    """Consecutive levels joined where a level maps its parents one to one.
+
+    A level whose every parent has exactly one child adds no sharing; running it in the same
+    call as its parent level saves a round trip of the activations (for an exact budget the
+    last site's bits follow from the others, so the head always joins the last conv).
+    """
+    segs = [[0]]
+    for i in range(1, len(levels)):
+        n = len(levels[i].parent)
+        if n == len(levels[i - 1].parent) and np.array_equal(levels[i].parent, np.arange(n)):
+            segs[-1].append(i)
+        else:
+            segs.append([i])
+    return [tuple(seg) for seg in segs]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -186,8 +206,11 @@ def _default_row_chunk() -> int:
 
 
 #: Prefixes per call as independent branches of one program (``row_chunk == 1``), per backend:
-#: XLA:CPU overlaps their kernels (default student, 109 allocations x 256 examples: 8 per call
-#: 2.15x faster than the per-allocation loop, one per call 1.61x; bit-identical results).
+#: XLA:CPU overlaps their kernels. A call with several prefixes gives each its whole batch (no
+#: batch branches); a lone prefix gets the usual batch branches. Default student, 109
+#: allocations x 256 examples (``python experiments/bench_enumeration.py``, 2-core Xeon):
+#: 2.35x faster than the per-allocation loop, bit-identical; 1.64x when every prefix of the
+#: 8 also had 8 batch branches, and without joining the 1:1 head level to the last conv.
 ROW_BRANCHES: dict[str, int] = {"cpu": 8}
 
 
@@ -207,7 +230,9 @@ def exhaustive(
     (:func:`prefix_tree`) and the tree is computed level by level: level ``s`` applies stage
     ``s`` once per distinct prefix of the sites up to its end, to its parent prefix's
     activation. For the default ``cnn`` at choices {2,3,4,5,6,8} and budget 4 that is 1, 6,
-    31, 109 and 109 stage calls instead of 109 full forward passes.
+    31, 109 and 109 stage applications instead of 109 full forward passes; levels that map
+    their parents one to one (here the head, whose bits the exact budget fixes) run in the
+    same call as the level above (:func:`_segments`).
 
     Args:
       model: a model with the ``bits`` interface (``model(x, bits)``); with ``stages()`` for
@@ -251,28 +276,32 @@ def exhaustive(
         ]
         order = np.arange(n, dtype=np.int32)
 
+    segments = _segments(levels)
+
     def run(x, y):
         h = [x]  # one activation [B, ...] per prefix of the previous level; root: the images
-        for index, level in enumerate(levels):
-            bits = [jnp.asarray(b) for b in level.bits]
+        for seg in segments:
+            # Rows: the prefixes of the segment's last level; 1:1 below its first level, so
+            # row r's parent is level seg[0]'s parent r.
+            parent = levels[seg[0]].parent
+            bits = [tuple(jnp.asarray(levels[i].bits[r]) for i in seg) for r in range(len(parent))]
+            out = []
             if row_chunk == 1:
                 g = max(1, min(ROW_BRANCHES.get(jax.default_backend(), 1), len(bits)))
-                out = []
+                branches = inference_branches(x.shape[0]) if g == 1 else 1
                 for r0 in range(0, len(bits), g):
                     rows = list(range(r0, min(r0 + g, len(bits))))
                     n_real = len(rows)
-                    rows += [rows[-1]] * (g - n_real)  # pad: one program per stage
-                    res = _stage_group(graphdef, index, params, rest,
-                                       tuple(h[level.parent[i]] for i in rows),
-                                       tuple(bits[i] for i in rows))  # fmt: skip
+                    rows += [rows[-1]] * (g - n_real)  # pad: one program per segment
+                    res = _segment_group(graphdef, seg, branches, params, rest,
+                                         tuple(h[parent[i]] for i in rows),
+                                         tuple(bits[i] for i in rows))  # fmt: skip
                     out.extend(res[:n_real])
-                h = out
-                continue
-            out = []
-            for r0 in range(0, len(level.parent), row_chunk):
-                h_in = jnp.stack([h[p] for p in level.parent[r0 : r0 + row_chunk]])
-                out.extend(_stage_rows(graphdef, index, params, rest, h_in,
-                                       jnp.stack(bits[r0 : r0 + row_chunk])))  # fmt: skip
+            else:
+                for r0 in range(0, len(bits), row_chunk):
+                    h_in = jnp.stack([h[p] for p in parent[r0 : r0 + row_chunk]])
+                    b_in = jax.tree.map(lambda *b: jnp.stack(b), *bits[r0 : r0 + row_chunk])
+                    out.extend(_segment_rows(graphdef, seg, params, rest, h_in, b_in))
             h = out
         return _losses(jnp.stack([h[i] for i in order]), y)
 

@@ -112,6 +112,20 @@ def test_exhaustive_prefix_sharing_equals_naive_exactly(row_chunk):
         np.testing.assert_array_equal(shared[1][n], np.argmax(logits, -1) == y)
 
 
+def test_segments_join_one_to_one_levels():
+    # Exact budget: the head's bits follow from the conv sites, so its level is 1:1 with the
+    # last conv's and both run in one call; the no-sharing tree is 1:1 below the root.
+    model = _cnn()
+    budget = policy.Budget(CHOICES, model.num_sites, 4.0)
+    sites = [k for k, _ in model.stages()]
+    levels, _ = audit.prefix_tree(_all_bits(budget), sites)
+    assert [len(lv.parent) for lv in levels] == [1, 6, 31, 109, 109]
+    assert audit._segments(levels) == [(0,), (1,), (2,), (3, 4)]
+    # A budget of "at most" allocations (every combination) has no 1:1 level.
+    every = np.stack(np.meshgrid(*[CHOICES] * 4, indexing="ij"), -1).reshape(-1, 4)
+    assert audit._segments(audit.prefix_tree(every, sites)[0]) == [(0,), (1,), (2,), (3,), (4,)]
+
+
 def test_exhaustive_without_stages_falls_back_to_one_pass_per_allocation():
     model = NoStages(nnx.Rngs(0))
     x, y = _images(6)
