@@ -143,8 +143,10 @@ def _stage_sites(model: nnx.Module) -> list[int] | None:
 
 
 def _segment(graphdef, stages, params, rest, h, bits):
-    """Stages ``stages`` (consecutive indices) on ``h [B, ...]``, bits ``[k_s]`` per stage, the
-    same for every example."""
+    """Applies the stages ``stages`` (consecutive indices) to ``h [B, ...]``.
+
+    ``bits``: one int ``[k_s]`` per stage (its sites' bits), the same for every example.
+    """
     fns = nnx.merge(graphdef, params, rest).stages()
     for index, bits_k in zip(stages, bits, strict=True):
         h = fns[index][1](h, jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0])))
