@@ -24,6 +24,7 @@ after a warm-up that compiles everything.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import bench_lib  # noqa: I001  (sets sys.path to the repository)
@@ -134,25 +135,10 @@ def _level_costs(model, graphdef, params, rest, x, allocs, rounds):
     per allocation whatever is shared above it.
     """
     levels, _ = audit.prefix_tree(allocs, [k for k, _ in model.stages()])
-    g_max = audit.ROW_BRANCHES.get(jax.default_backend(), 1)
     h, fns, rows_of = [x], {}, {}
-    for seg in audit._segments(levels):
-        parent = levels[seg[0]].parent
-        bits = [tuple(jnp.asarray(levels[i].bits[r]) for i in seg) for r in range(len(parent))]
-        g = max(1, min(g_max, len(bits)))
-        branches = models.inference_branches(x.shape[0]) if g == 1 else 1
-
-        def level(h=h, parent=parent, bits=bits, g=g, branches=branches, seg=seg):
-            out = []
-            for r0 in range(0, len(bits), g):
-                rows = [min(r, len(bits) - 1) for r in range(r0, r0 + g)]  # padded like the library
-                res = audit._segment_group(graphdef, seg, branches, params, rest,
-                                           tuple(h[parent[i]] for i in rows),
-                                           tuple(bits[i] for i in rows))  # fmt: skip
-                out.extend(res[: len(bits) - r0])
-            return out
-
-        fns[seg], rows_of[seg] = level, len(bits)
+    for segment in audit._plan(levels):
+        level = functools.partial(audit._grouped_level, graphdef, params, rest, segment, h)
+        fns[segment.stages], rows_of[segment.stages] = level, len(segment.bits)
         h = level()
     times = bench_lib.time_interleaved(fns, rounds=2 * rounds + 1, warmup=1)
     rows, naive, shared = [], 0.0, 0.0

@@ -189,6 +189,52 @@ def _segments(levels: Sequence[PrefixLevel]) -> list[tuple[int, ...]]:
     return [tuple(seg) for seg in segs]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    """One call level of the enumeration: stages ``stages`` applied to ``R`` rows.
+
+    Attributes:
+      stages: consecutive stage indices (see :func:`_segments`).
+      parent: int ``[R]``: each row's parent among the previous segment's rows (1:1 below the
+        segment's first level, so that level's parents).
+      bits: ``R`` tuples of per-stage bits, int ``[k_s]`` device arrays.
+    """
+
+    stages: tuple[int, ...]
+    parent: np.ndarray
+    bits: list[tuple[jax.Array, ...]]
+
+
+def _plan(levels: Sequence[PrefixLevel]) -> list[_Segment]:
+    """The segments of a prefix tree with their rows' bits on the device (built once)."""
+    plan = []
+    for seg in _segments(levels):
+        parent = levels[seg[0]].parent
+        bits = [tuple(jnp.asarray(levels[i].bits[r]) for i in seg) for r in range(len(parent))]
+        plan.append(_Segment(seg, parent, bits))
+    return plan
+
+
+def _grouped_level(graphdef, params, rest, segment: _Segment, h: list) -> list:
+    """One segment's rows, ``ROW_BRANCHES`` prefixes per call (``row_chunk == 1``).
+
+    ``h``: the previous segment's activations, one ``[B, ...]`` per row. Returns this
+    segment's, one per row. The last group is padded with its last row, so every call of a
+    segment runs the same program.
+    """
+    rows_total = len(segment.bits)
+    g = max(1, min(ROW_BRANCHES.get(jax.default_backend(), 1), rows_total))
+    branches = inference_branches(h[0].shape[0]) if g == 1 else 1
+    out = []
+    for r0 in range(0, rows_total, g):
+        rows = [min(r, rows_total - 1) for r in range(r0, r0 + g)]
+        res = _segment_group(graphdef, segment.stages, branches, params, rest,
+                             tuple(h[segment.parent[i]] for i in rows),
+                             tuple(segment.bits[i] for i in rows))  # fmt: skip
+        out.extend(res[: rows_total - r0])
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _model_call(graphdef, params, rest, images, bits_l):
     """The whole model under one allocation ``bits [L]`` for every example: logits."""
@@ -278,32 +324,19 @@ def exhaustive(
         ]
         order = np.arange(n, dtype=np.int32)
 
-    segments = _segments(levels)
+    plan = _plan(levels)
 
     def run(x, y):
-        h = [x]  # one activation [B, ...] per prefix of the previous level; root: the images
-        for seg in segments:
-            # Rows: the prefixes of the segment's last level; 1:1 below its first level, so
-            # row r's parent is level seg[0]'s parent r.
-            parent = levels[seg[0]].parent
-            bits = [tuple(jnp.asarray(levels[i].bits[r]) for i in seg) for r in range(len(parent))]
-            out = []
+        h = [x]  # one activation [B, ...] per row of the previous segment; root: the images
+        for segment in plan:
             if row_chunk == 1:
-                g = max(1, min(ROW_BRANCHES.get(jax.default_backend(), 1), len(bits)))
-                branches = inference_branches(x.shape[0]) if g == 1 else 1
-                for r0 in range(0, len(bits), g):
-                    rows = list(range(r0, min(r0 + g, len(bits))))
-                    n_real = len(rows)
-                    rows += [rows[-1]] * (g - n_real)  # pad: one program per segment
-                    res = _segment_group(graphdef, seg, branches, params, rest,
-                                         tuple(h[parent[i]] for i in rows),
-                                         tuple(bits[i] for i in rows))  # fmt: skip
-                    out.extend(res[:n_real])
-            else:
-                for r0 in range(0, len(bits), row_chunk):
-                    h_in = jnp.stack([h[p] for p in parent[r0 : r0 + row_chunk]])
-                    b_in = jax.tree.map(lambda *b: jnp.stack(b), *bits[r0 : r0 + row_chunk])
-                    out.extend(_segment_rows(graphdef, seg, params, rest, h_in, b_in))
+                h = _grouped_level(graphdef, params, rest, segment, h)
+                continue
+            out = []
+            for r0 in range(0, len(segment.bits), row_chunk):
+                h_in = jnp.stack([h[p] for p in segment.parent[r0 : r0 + row_chunk]])
+                b_in = jax.tree.map(lambda *b: jnp.stack(b), *segment.bits[r0 : r0 + row_chunk])
+                out.extend(_segment_rows(graphdef, segment.stages, params, rest, h_in, b_in))
             h = out
         return _losses(jnp.stack([h[i] for i in order]), y)
 
