@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.teacher.optim = teacher.optim
 
     config.student.model.name = "resnet18"
+    config.student.model.factory = ""  # "package.module:function": your own nnx.Module instead
     config.student.model.kwargs = ml_collections.ConfigDict()
     config.student.optim.optimizer = "sgd"
     config.student.optim.learning_rate = 0.05

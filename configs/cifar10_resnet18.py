@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model
     config.model.weight_bits = 8
+    config.model.factory = ""  # "package.module:function": your own nnx.Module instead
     config.model.kwargs = ml_collections.ConfigDict()
 
     config.optim = ml_collections.ConfigDict()

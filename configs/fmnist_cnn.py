@@ -9,7 +9,7 @@ Args (``--config=configs/fmnist_cnn.py:model=cnn,epochs=3``):
   model: a registry name (``teacher_cnn`` default, ``cnn`` the small student architecture).
   epochs: training epochs.
 
-What it reproduces: the black-box teacher of the method's stage A (METHOD.md). The paper gives
+What it reproduces: the black-box teacher of the method's stage A (docs/METHOD.md). The paper gives
 no number for its teacher; our requirement is >= 90 % Fashion-MNIST test accuracy.
 
 Measured (2-core x86-64 CPU, no GPU, jax 0.10.2), default args: teacher_cnn (266 810
@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = arg.model
     config.model.weight_bits = 8  # used by every DPTQ evaluation; training is full precision
+    config.model.factory = ""  # "package.module:function": your own nnx.Module instead
     config.model.kwargs = ml_collections.ConfigDict()
 
     config.optim = ml_collections.ConfigDict()

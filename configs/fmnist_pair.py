@@ -58,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.student.model = ml_collections.ConfigDict()
     config.student.model.name = "cnn"
     config.student.model.weight_bits = 8
+    config.student.model.factory = ""  # "package.module:function": your own nnx.Module instead
     config.student.model.kwargs = ml_collections.ConfigDict()
     config.student.optim = ml_collections.ConfigDict()
     config.student.optim.optimizer = "adamw"

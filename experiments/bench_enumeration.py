@@ -134,7 +134,7 @@ def _level_costs(model, graphdef, params, rest, x, allocs, rounds):
     ``s``, ``N`` allocations, ``n_s`` rows) and the time of the last level, which runs once
     per allocation whatever is shared above it.
     """
-    levels, _ = audit.prefix_tree(allocs, [k for k, _ in model.stages()])
+    levels, _ = audit.prefix_tree(allocs, audit._stage_sites(model))
     h, fns, rows_of = [x], {}, {}
     for segment in audit._plan(levels):
         level = functools.partial(audit._grouped_level, graphdef, params, rest, segment, h)

@@ -233,15 +233,21 @@ def load_note(load: float | None = None, cores: int | None = None) -> str | None
     return None
 
 
-def make_cnn(*, in_channels: int = 1, seed: int = 0, name: str = "cnn", **kwargs):
+def make_cnn(
+    *, in_channels: int = 1, image_size: int = 28, seed: int = 0, name: str = "cnn", **kwargs
+):
     """The default student (``models.create_model('cnn', ...)`` as configs/fmnist_pair.py).
+
+    ``image_size`` is that of the inputs the benches feed (28x28, Fashion-MNIST): the model's
+    sites and segment cuts are derived for it.
 
     Returns:
       ``(model, graphdef, params, rest)``.
     """
     model = models.create_model(
-        name, num_classes=10, in_channels=in_channels, weight_bits=8, rngs=nnx.Rngs(seed), **kwargs
-    )
+        name, num_classes=10, in_channels=in_channels, image_size=image_size, weight_bits=8,
+        rngs=nnx.Rngs(seed), **kwargs,
+    )  # fmt: skip
     graphdef, params, rest = models.split_model(model)
     return model, graphdef, params, rest
 

@@ -208,13 +208,13 @@ def _torch_modules(torch, budget: policy.Budget):
 
 def _copy_student_weights(torch, net, params, rest) -> None:
     """Loads our ``cnn`` student's parameters and BatchNorm statistics into the torch net."""
-    p = nnx.to_pure_dict(params)
-    r = nnx.to_pure_dict(rest)
+    p = nnx.to_pure_dict(params)["net"]  # zoo.ConvNet: conv1..conv4, bn1..bn4, head
+    r = nnx.to_pure_dict(rest)["net"]
     with torch.no_grad():
-        for i, (conv, bn) in enumerate(zip(net.convs, net.bns, strict=True)):
-            kernel = np.asarray(p["convs"][i]["conv"]["kernel"])  # HWIO
+        for i, (conv, bn) in enumerate(zip(net.convs, net.bns, strict=True), start=1):
+            kernel = np.asarray(p[f"conv{i}"]["kernel"])  # HWIO
             conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-            norm_p, norm_r = p["convs"][i]["bn"]["norm"], r["convs"][i]["bn"]["norm"]
+            norm_p, norm_r = p[f"bn{i}"], r[f"bn{i}"]
             bn.weight.copy_(torch.from_numpy(np.asarray(norm_p["scale"])))
             bn.bias.copy_(torch.from_numpy(np.asarray(norm_p["bias"])))
             bn.running_mean.copy_(torch.from_numpy(np.asarray(norm_r["mean"])))

@@ -48,13 +48,25 @@ _STATE_KEY = "_state_dir"  # in spec.json: which state directory is current
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a registry model's architecture."""
+    """Everything needed to rebuild a model's architecture.
+
+    Attributes:
+      name: a key of ``models.MODELS``, or a label for a user model built by ``factory``.
+      num_classes, in_channels: the data's.
+      weight_bits: static weight bit-width of the quantized program (``None``: FP weights).
+      kwargs: architecture arguments of the constructor.
+      image_size: ``(H, W)`` of the inputs (fixes the program the sites are derived from).
+      factory: ``"package.module:function"`` building a user's own ``nnx.Module`` as
+        ``function(num_classes=, in_channels=, rngs=, **kwargs)``; ``None`` for the registry.
+    """
 
     name: str
     num_classes: int
     in_channels: int
     weight_bits: int | None
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    image_size: tuple[int, int] = (32, 32)
+    factory: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +117,27 @@ def build_policy(spec: PolicySpec, seed: int = 0) -> PolicyNet:
     )
 
 
-def build(spec: ModelSpec, seed: int = 0) -> nnx.Module:
-    """A freshly initialised model of ``spec``'s architecture."""
-    return models.create_model(
-        spec.name,
-        num_classes=spec.num_classes,
-        in_channels=spec.in_channels,
-        weight_bits=spec.weight_bits,
-        rngs=nnx.Rngs(seed),
+def build(spec: ModelSpec, seed: int = 0) -> models.QuantizedModel:
+    """A freshly initialised model of ``spec``'s architecture (inference mode)."""
+    if spec.factory is None:
+        return models.create_model(
+            spec.name,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            image_size=tuple(spec.image_size),
+            weight_bits=spec.weight_bits,
+            rngs=nnx.Rngs(seed),
+            **spec.kwargs,
+        )
+    net = models.load_factory(spec.factory)(
+        num_classes=spec.num_classes, in_channels=spec.in_channels, rngs=nnx.Rngs(seed),
         **spec.kwargs,
+    )  # fmt: skip
+    if not isinstance(net, nnx.Module):
+        raise TypeError(f"{spec.factory} returned {type(net).__name__}, not an nnx.Module")
+    net.eval()
+    return models.QuantizedModel(
+        net, input_shape=(*spec.image_size, spec.in_channels), weight_bits=spec.weight_bits
     )
 
 

@@ -19,9 +19,9 @@ the audit evaluates budget-feasible per-example bit allocations found by several
 ``exhaustive``
   every feasible allocation for every example when there are at most ``max_allocations``: the
   exact per-example worst case (the oracle). Allocations that share a prefix of site bits share
-  the computation up to that prefix, because the activation after a model stage depends only on
-  the bits of the sites up to it (``model.stages()``, see :data:`models.Stage`); models without
-  ``stages()`` fall back to one full forward pass per allocation.
+  the computation up to that prefix: the program is cut before every site's quantizer
+  (:meth:`transform.QuantizedFn.run_segments`), and the values live at a cut depend only on
+  the bits of the sites before it.
 
 Entry point: :func:`audit` returns an :class:`AuditResult`; :func:`write_report` writes it as
 JSON, CSV, a markdown summary and PNG plots. ``configs/audit.py`` runs it from the command line
@@ -44,7 +44,16 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from ptq_adversary import data, policy
-from ptq_adversary.models import apply_model, batch_branches, inference_branches, split_model
+from ptq_adversary.models import (
+    QuantizedModel,
+    apply_model,
+    as_quantized_model,
+    batch_branches,
+    check_program,
+    inference_branches,
+    quantized_program,
+    split_model,
+)
 
 __all__ = [
     "METHODS",
@@ -136,38 +145,44 @@ def prefix_tree(
     return levels, prev_index.astype(np.int32)
 
 
-def _stage_sites(model: nnx.Module) -> list[int] | None:
-    if not hasattr(model, "stages"):
-        return None
-    return [k for k, _ in model.stages()]
+def _stage_sites(model: nnx.Module) -> list[int]:
+    """Sites per stage of the program's cuts: none before the first site, then one each."""
+    return [0] + [1] * model.num_sites
 
 
 def _segment(graphdef, stages, params, rest, h, bits):
-    """Applies the stages ``stages`` (consecutive indices) to ``h [B, ...]``.
+    """Applies the program's segments ``stages`` (consecutive indices) to ``h``.
 
-    ``bits``: one int ``[k_s]`` per stage (its sites' bits), the same for every example.
+    ``h``: the images ``[B, ...]`` for segment 0, else the tuple of values live at the cut
+    (see :meth:`transform.QuantizedFn.run_segments`). ``bits``: one int ``[k_s]`` per stage
+    (``k_0 = 0``, else 1), the same for every example.
     """
-    fns = nnx.merge(graphdef, params, rest).stages()
+    qfn, state = quantized_program(graphdef, params, rest)
+    site_bits = jnp.zeros((qfn.num_sites,), jnp.int32)
     for index, bits_k in zip(stages, bits, strict=True):
-        h = fns[index][1](h, jnp.broadcast_to(bits_k, (h.shape[0], bits_k.shape[0])))
-    return h
+        if index > 0:  # segment s >= 1 starts with site s - 1's quantizer
+            site_bits = site_bits.at[index - 1].set(bits_k[0])
+    return qfn.run_segments(state, h, site_bits, stages[0], stages[-1])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _segment_group(graphdef, stages, branches, params, rest, hs, bits):
     """:func:`_segment` on a tuple of ``G`` prefixes as independent branches of one program.
 
-    ``hs``: ``G`` activations ``[B, ...]``; ``bits``: ``G`` tuples of per-stage bits. Each
-    prefix's batch is further cut into ``branches`` batch branches (see
+    ``hs``: ``G`` values live at the cut (each ``[B, ...]`` leaves); ``bits``: ``G`` tuples of
+    per-stage bits. Each prefix's batch is further cut into ``branches`` batch branches (see
     :func:`~ptq_adversary.models.batch_branches`).
     """
-    seg = lambda h, *b: _segment(graphdef, stages, params, rest, h, b)
-    return tuple(batch_branches(seg, branches, h, *b) for h, b in zip(hs, bits, strict=True))
+    out = []
+    for h, b in zip(hs, bits, strict=True):
+        seg = lambda h, b=b: _segment(graphdef, stages, params, rest, h, b)
+        out.append(batch_branches(seg, branches, h))
+    return tuple(out)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _segment_rows(graphdef, stages, params, rest, h_rb, bits):
-    """:func:`_segment` vmapped over ``R`` prefixes: ``h [R, B, ...]``, bits ``R``-stacked."""
+    """:func:`_segment` vmapped over ``R`` prefixes: ``h`` leaves ``[R, B, ...]``, bits stacked."""
     fn = lambda h, b: _segment(graphdef, stages, params, rest, h, b)
     return jax.vmap(fn)(h_rb, bits)
 
@@ -224,7 +239,7 @@ def _grouped_level(graphdef, params, rest, segment: _Segment, h: list) -> list:
     """
     rows_total = len(segment.bits)
     g = max(1, min(ROW_BRANCHES.get(jax.default_backend(), 1), rows_total))
-    branches = inference_branches(h[0].shape[0]) if g == 1 else 1
+    branches = inference_branches(jax.tree.leaves(h[0])[0].shape[0]) if g == 1 else 1
     out = []
     for r0 in range(0, rows_total, g):
         rows = [min(r, rows_total - 1) for r in range(r0, r0 + g)]
@@ -274,24 +289,25 @@ def exhaustive(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Evaluates every allocation on every example (network frozen, inference mode).
 
-    With ``model.stages()`` the allocations are grouped into a prefix tree
-    (:func:`prefix_tree`) and the tree is computed level by level: level ``s`` applies stage
-    ``s`` once per distinct prefix of the sites up to its end, to its parent prefix's
-    activation. For the default ``cnn`` at choices {2,3,4,5,6,8} and budget 4 that is 1, 6,
-    31, 109 and 109 stage applications instead of 109 full forward passes; levels that map
-    their parents one to one (here the head, whose bits the exact budget fixes) run in the
-    same call as the level above (:func:`_segments`).
+    The allocations are grouped into a prefix tree (:func:`prefix_tree`) over the program's
+    cuts (:meth:`transform.QuantizedFn.run_segments`: segment 0 runs up to the first site's
+    quantizer, segment ``s`` from site ``s - 1``'s quantizer to site ``s``'s), and the tree is
+    computed level by level: level ``s`` applies segment ``s`` once per distinct prefix of the
+    bits up to it, to its parent prefix's live values. For the default ``cnn`` at choices
+    {2,3,4,5,6,8} and budget 4 that is 1, 6, 31, 109 and 109 segment applications instead of
+    109 full forward passes; levels that map their parents one to one (here the head, whose
+    bits the exact budget fixes) run in the same call as the level above (:func:`_segments`).
 
     Args:
-      model: a model with the ``bits`` interface (``model(x, bits)``); with ``stages()`` for
-        prefix sharing, else one full forward pass per allocation.
+      model: a :class:`~ptq_adversary.models.QuantizedModel` (see
+        :func:`~ptq_adversary.models.as_quantized_model` for any other network).
       images: float ``[B, H, W, C]``, as the model expects them (normalized).
       labels: int ``[B]``.
       allocations: int ``[N, L]`` bit-widths (the same allocation for every example).
-      prefix_sharing: share the work of common prefixes. ``False`` runs the same stage calls
-        with every allocation computing every stage: the naive per-allocation reference,
+      prefix_sharing: share the work of common prefixes. ``False`` runs the same segment calls
+        with every allocation computing every segment: the naive per-allocation reference,
         bit-identical in its results (tested).
-      example_chunk: examples per call (memory: a level holds its prefixes' activations for
+      example_chunk: examples per call (memory: a level holds its prefixes' live values for
         this many examples). The last chunk is padded.
       row_chunk: prefixes per call within a level (vmapped); ``None``: 1 on CPU, 16 elsewhere.
 
@@ -304,13 +320,6 @@ def exhaustive(
     allocations = np.asarray(allocations, np.int32)
     row_chunk = row_chunk or _default_row_chunk()
     sites = _stage_sites(model)
-    if sites is None:  # no stages(): one forward pass per allocation through the model
-        alloc = [jnp.asarray(a) for a in allocations]
-
-        def run(x, y):
-            return _losses(jnp.stack([_model_call(graphdef, params, rest, x, a) for a in alloc]), y)
-
-        return _chunked_over_examples(run, images, labels, example_chunk)
     if prefix_sharing:
         levels, order = prefix_tree(allocations, sites)
     else:  # the same stages, every allocation its own row at every level: no sharing
@@ -327,16 +336,19 @@ def exhaustive(
     plan = _plan(levels)
 
     def run(x, y):
-        h = [x]  # one activation [B, ...] per row of the previous segment; root: the images
+        h = [x]  # live values [B, ...] per row of the previous segment; root: the images
+        stack = lambda *a: jnp.stack(a)
         for segment in plan:
             if row_chunk == 1:
                 h = _grouped_level(graphdef, params, rest, segment, h)
                 continue
             out = []
             for r0 in range(0, len(segment.bits), row_chunk):
-                h_in = jnp.stack([h[p] for p in segment.parent[r0 : r0 + row_chunk]])
-                b_in = jax.tree.map(lambda *b: jnp.stack(b), *segment.bits[r0 : r0 + row_chunk])
-                out.extend(_segment_rows(graphdef, segment.stages, params, rest, h_in, b_in))
+                parents = segment.parent[r0 : r0 + row_chunk]
+                h_in = jax.tree.map(stack, *[h[p] for p in parents])
+                b_in = jax.tree.map(stack, *segment.bits[r0 : r0 + row_chunk])
+                res = _segment_rows(graphdef, segment.stages, params, rest, h_in, b_in)
+                out.extend(jax.tree.map(lambda a, r=r: a[r], res) for r in range(len(parents)))
             h = out
         return _losses(jnp.stack([h[i] for i in order]), y)
 
@@ -421,6 +433,44 @@ class _Tracker:
         )
 
 
+def _as_model(model, images, params, weight_bits, quantize_first) -> QuantizedModel:
+    """The audited network as a :class:`QuantizedModel` described at the images' shape."""
+    shape = np.shape(images)[1:]
+    if isinstance(model, QuantizedModel):
+        if params is not None:
+            raise TypeError("params= goes with a function; a QuantizedModel carries its state")
+        if model.input_shape == tuple(shape):
+            return model
+        weight_bits, quantize_first, model = model.weight_bits, model.quantize_first, model.net
+    return as_quantized_model(
+        model,
+        input_shape=shape,
+        params=params,
+        weight_bits=weight_bits,
+        quantize_first=quantize_first,
+    )
+
+
+def _num_classes(model: nnx.Module, images: np.ndarray) -> int:
+    """The model's number of classes, from its FP forward pass on one image (shapes only).
+
+    Raises:
+      ValueError: the model rejects images of this shape (a wrong channel count or size),
+        with the model's own error as the cause.
+    """
+    graphdef, params, rest = split_model(model)
+    one = jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
+    try:  # the pure FP forward of the audit itself (_fp_eval): nothing is mutated
+        out = jax.eval_shape(lambda x: apply_model(graphdef, params, rest, x)[0], one)
+    except Exception as err:  # noqa: BLE001 (any failure here is the input's shape)
+        raise ValueError(
+            f"the model rejected images of shape {tuple(images.shape)} (per example "
+            f"{tuple(images.shape[1:])}: check the channel count and image size the model "
+            f"was built for): {err}"
+        ) from err
+    return int(out.shape[-1])
+
+
 def _check_labels(labels: np.ndarray, num_classes: int) -> None:
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
@@ -433,8 +483,13 @@ def _check_inputs(images: ArrayLike, labels: ArrayLike):
     labels = np.asarray(labels)
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images must hold at least one example, got shape {images.shape}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be [B] = [{images.shape[0]}], got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        # A cast would truncate float labels (2.7 -> class 2) without a word.
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(
             f"images must be float (normalized as the model expects), got {images.dtype}"
@@ -756,7 +811,7 @@ def train_policy(
             entropy_coef=config.entropy_coef,
         )
     )
-    num_classes = int(np.asarray(model(jnp.asarray(images[:1]))).shape[-1])
+    num_classes = _num_classes(model, np.asarray(images[:1]))
     rng = np.random.default_rng(seed)
     batch = min(config.batch_size, len(images))
     with metrics.progress_bar(config.steps, desc="audit policy", disable=not progress) as bar:
@@ -875,6 +930,9 @@ class AuditResult:
       worst_static: with ``exhaustive``, the single allocation (same for every example) with
         the lowest accuracy: ``{"bits": [...], "accuracy": float}``.
       skipped: methods not run and why.
+      notes: searches run differently from what was asked and why, by method name (a search
+        whose evaluations per example reach the number of feasible allocations runs as exact
+        enumeration, see :func:`audit`).
     """
 
     site_names: tuple[str, ...]
@@ -894,14 +952,20 @@ class AuditResult:
     min_low_bit_sites: np.ndarray
     worst_static: dict[str, Any] | None
     skipped: dict[str, str]
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
         return len(self.labels)
 
     def ranking(self) -> np.ndarray:
-        """Example indices, most vulnerable first (vulnerable, then by loss increase)."""
-        return np.lexsort((-self.loss_increase, ~self.vulnerable))
+        """Example indices, most vulnerable first.
+
+        The vulnerable examples (correct in FP and broken by some method), then the robust
+        ones (correct in FP, broken by none), then those already wrong in FP (nothing to
+        break); each group by decreasing loss increase. See :func:`example_status`.
+        """
+        return np.lexsort((-self.loss_increase, _status_codes(self)))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready headline numbers (no per-example arrays)."""
@@ -924,11 +988,34 @@ class AuditResult:
                 }
                 for name, m in self.methods.items()
             },
-            "vulnerable_fraction": float(self.vulnerable.mean()),
+            "vulnerable_fraction": float(np.mean(_status_codes(self) == 0)),
             "mean_loss_increase": float(self.loss_increase.mean()),
             "worst_static": self.worst_static,
             "skipped": self.skipped,
+            "notes": self.notes,
         }
+
+
+#: Per-example status, in ranking order (:func:`example_status`).
+STATUSES = ("vulnerable", "robust", "wrong_in_fp")
+
+
+def _status_codes(result: AuditResult) -> np.ndarray:
+    """Index into :data:`STATUSES` per example: int ``[B]``."""
+    fp_right = np.asarray(result.fp_correct, bool)
+    vulnerable = np.asarray(result.vulnerable, bool) & fp_right
+    return np.where(vulnerable, 0, np.where(fp_right, 1, 2))
+
+
+def example_status(result: AuditResult) -> np.ndarray:
+    """Each example's status: ``"vulnerable"`` (correct in FP, misclassified by an allocation
+    some method found), ``"robust"`` (correct in FP, no allocation found breaks it) or
+    ``"wrong_in_fp"`` (misclassified already in full precision: nothing to break).
+
+    Returns:
+      str numpy ``[B]``.
+    """
+    return np.asarray(STATUSES)[_status_codes(result)]
 
 
 # Strongest first: where several methods break an example, report the strongest's allocation.
@@ -946,11 +1033,64 @@ def _method(tracked: SearchResult, fp_correct: np.ndarray, seconds: float) -> Me
     )
 
 
-def audit(
+def _exact_search(
     model: nnx.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    budget: policy.Budget,
+    *,
+    example_chunk: int,
+) -> SearchResult:
+    """Every feasible allocation on every example (:func:`exhaustive`) as a search result.
+
+    What a search returns when it would evaluate at least as many allocations per example as
+    there are: ``evaluations`` is the number of feasible allocations, ``mean_correct`` the
+    exact accuracy under one uniformly random feasible allocation.
+    """
+    n = policy.num_allocations(budget)
+    allocs = np.asarray(policy.to_bits(policy.enumerate_allocations(budget, n), budget))
+    loss, correct = exhaustive(model, images, labels, allocs, example_chunk=example_chunk)
+    tracker = _Tracker(len(labels), budget.num_sites)
+    tracker.update(loss, correct, np.broadcast_to(allocs[:, None], (*loss.shape, len(allocs[0]))))
+    return tracker.result()
+
+
+class _ExactCap:
+    """Runs a search as exact enumeration when its cost reaches the number of allocations.
+
+    The enumeration is computed at most once per audit and shared by every capped search.
+    """
+
+    def __init__(self, budget: policy.Budget, max_allocations: int, run):
+        self.n = policy.num_allocations(budget)
+        self.allowed = self.n <= max_allocations
+        self.run = run  # () -> SearchResult, the enumeration
+        self.found: tuple[SearchResult, float] | None = None
+        self.notes: dict[str, str] = {}
+
+    def __call__(self, name: str, evaluations: int) -> tuple[SearchResult, float] | None:
+        """``(result, seconds)`` of the enumeration if ``name`` at ``evaluations`` per example
+        is capped (noted in :attr:`notes`), else ``None`` (run the search)."""
+        if not self.allowed or evaluations < self.n:
+            return None
+        if self.found is None:
+            t0 = time.perf_counter()
+            result = self.run()
+            self.found = (result, time.perf_counter() - t0)
+        self.notes[name] = (
+            f"{self.n} feasible allocations <= {evaluations} evaluations: exact enumeration used"
+        )
+        return self.found
+
+
+def audit(
+    model: Any,
     images: ArrayLike,
     labels: ArrayLike,
     *,
+    params: Any = None,
+    weight_bits: int | None = 8,
+    quantize_first: bool = False,
     choices: Sequence[int],
     budget: float,
     methods: Sequence[str] = METHODS,
@@ -971,15 +1111,29 @@ def audit(
     """Audits a frozen model's worst case under dynamic PTQ at a bit budget.
 
     Args:
-      model: any ``nnx.Module`` with the ``bits`` interface (``model(x, bits)`` with int
-        ``bits [B, model.num_sites]``, e.g. built from :mod:`ptq_adversary.layers`);
-        ``stages()`` (:data:`models.Stage`) enables prefix sharing in ``exhaustive``.
+      model: the network, with no quantization code in it: any ``nnx.Module`` in inference
+        use (``net(x) -> logits``; BatchNorm is switched to running statistics with
+        ``.eval()``), a function ``fn(params, x) -> logits`` given with ``params`` (e.g. a
+        ``flax.linen`` ``module.apply`` with ``params=variables``), or a
+        :class:`~ptq_adversary.models.QuantizedModel`. Its quantization sites are derived from
+        its program (:mod:`ptq_adversary.transform`).
       images: float ``[B, H, W, C]``, normalized as the model expects; labels: int ``[B]``.
+      params: the parameters of a function ``model``.
+      weight_bits: static weight bit-width of the quantized program (``None``: FP weights).
+      quantize_first: also quantize the input of the layer that reads the image.
       choices: the activation bit-width choices (sorted, unique, in [2, 16]).
       budget: mean bits per site; every allocation meets it exactly.
       methods: a subset of :data:`METHODS`.
       max_allocations: run ``exhaustive`` only if there are at most this many feasible
-        allocations (else it is listed in ``skipped``).
+        allocations (else it is listed in ``skipped``). Also the limit below which a search is
+        replaced by enumeration: a ``random``, ``greedy`` or ``beam`` search whose evaluations
+        per example (``num_random``, or ``1 + num_init + S + num_iters * beam_width *
+        num_moves``) reach the number of feasible allocations ``N <= max_allocations`` runs
+        as the exact enumeration instead, computed once and shared: its result is the exact
+        worst case with ``evaluations = N`` (for ``random``, the exact accuracy under one
+        random allocation) and its time the enumeration's, and ``AuditResult.notes`` says so
+        per method (e.g. ``"greedy": "22 feasible allocations <= 132 evaluations: exact
+        enumeration used"``).
       beam_width, num_moves, num_iters: the beam search (``greedy`` uses width 1 with the same
         number of evaluations per example: ``num_moves * beam_width`` moves per iteration).
       num_init: random feasible allocations that seed greedy and beam search (random restarts;
@@ -1002,21 +1156,22 @@ def audit(
 
     Raises:
       ValueError: bad images or labels (shape, dtype, non-finite values), unknown methods, a
-        model whose ``num_sites`` is missing; :class:`policy.InfeasibleBudgetError` for an
-        infeasible budget.
+        model that rejects the images; :class:`transform.TransformError` (a ValueError) for a
+        program without sites, with a site in a loop, that mixes examples, or whose output
+        ignores the bits; TypeError for a function without ``params``;
+        :class:`policy.InfeasibleBudgetError` for an infeasible budget.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
-    num_sites = getattr(model, "num_sites", None)
-    if not isinstance(num_sites, int) or num_sites < 1:
-        raise ValueError("model must have an int num_sites >= 1 (the bits interface)")
+    model = _as_model(model, images, params, weight_bits, quantize_first)
+    images, labels = _check_inputs(images, labels)
+    num_classes = _num_classes(model, images)  # ValueError if the model rejects the images
+    _check_labels(labels, num_classes)
+    qfn = check_program(model, images)  # TransformError: no site, mixed examples, dead bits
+    num_sites, site_names = qfn.num_sites, qfn.site_names
     bud = policy.Budget(tuple(int(c) for c in choices), num_sites, float(budget))
     graphdef, params, rest = split_model(model)
-    site_names = tuple(getattr(model, "site_names", None) or (f"site{i}" for i in range(num_sites)))
-    images, labels = _check_inputs(images, labels)
-    num_classes = jax.eval_shape(lambda x: model(x), jnp.asarray(images[:1])).shape[-1]
-    _check_labels(labels, num_classes)
 
     fp = [
         _fp_eval(
@@ -1040,6 +1195,12 @@ def audit(
     min_low = np.full(len(labels), -1, np.int64)
     num_starts = len(low_bit_starts(bud)) if low_starts else 0
     search_evals = 1 + num_init + num_starts + num_iters * beam_width * num_moves
+    # A search at least as costly as enumerating every allocation runs as the enumeration.
+    exact = _ExactCap(
+        bud,
+        max_allocations,
+        lambda: _exact_search(model, images, labels, bud, example_chunk=example_chunk),
+    )
 
     for name in [m for m in METHODS if m in methods]:
         t0 = time.perf_counter()
@@ -1058,34 +1219,42 @@ def audit(
                 time.perf_counter() - t0,
             )
         elif name == "random":
-            found = random_search(
-                model,
-                images,
-                labels,
-                bud,
-                seed=seed,
-                num_samples=num_random or search_evals,
-                example_chunk=example_chunk,
-            )
+            capped = exact(name, num_random or search_evals)
+            if capped is None:
+                found = random_search(
+                    model,
+                    images,
+                    labels,
+                    bud,
+                    seed=seed,
+                    num_samples=num_random or search_evals,
+                    example_chunk=example_chunk,
+                )
+                capped = found, time.perf_counter() - t0
+            found, seconds = capped
             random_accuracy = float(found.mean_correct.mean())
-            results["random_search"] = _method(found, fp_correct, time.perf_counter() - t0)
+            results["random_search"] = _method(found, fp_correct, seconds)
         elif name in ("greedy", "beam"):
-            width = 1 if name == "greedy" else beam_width
-            moves = num_moves * beam_width // width  # equal evaluations for greedy and beam
-            found = beam_search(
-                model,
-                images,
-                labels,
-                bud,
-                width=width,
-                num_moves=moves,
-                num_iters=num_iters,
-                num_init=num_init,
-                low_starts=low_starts,
-                seed=seed,
-                example_chunk=example_chunk,
-            )
-            results[name] = _method(found, fp_correct, time.perf_counter() - t0)
+            capped = exact(name, search_evals)
+            if capped is None:
+                width = 1 if name == "greedy" else beam_width
+                moves = num_moves * beam_width // width  # equal evaluations for greedy and beam
+                found = beam_search(
+                    model,
+                    images,
+                    labels,
+                    bud,
+                    width=width,
+                    num_moves=moves,
+                    num_iters=num_iters,
+                    num_init=num_init,
+                    low_starts=low_starts,
+                    seed=seed,
+                    example_chunk=example_chunk,
+                )
+                capped = found, time.perf_counter() - t0
+            found, seconds = capped
+            results[name] = _method(found, fp_correct, seconds)
         elif name == "policy":
             tx = images if train_images is None else train_images
             ty = labels if train_labels is None else train_labels
@@ -1146,6 +1315,7 @@ def audit(
         min_low_bit_sites=min_low,
         worst_static=worst_static,
         skipped=skipped,
+        notes=exact.notes,
     )
 
 
@@ -1170,7 +1340,14 @@ def write_report(
       result: from :func:`audit`.
       out_dir: created if missing.
       title: the markdown heading.
-      top: how many of the most vulnerable examples the summary lists.
+      top: how many of the most vulnerable examples the summary lists (only vulnerable
+        ones: correct in FP and broken by some method).
+
+    ``examples.csv`` has a row for every example, in index order; its ``status`` column is
+    ``vulnerable``, ``robust`` or ``wrong_in_fp`` (:func:`example_status`) and ``rank`` its
+    place in :meth:`AuditResult.ranking`. The ``bits_*`` columns are the breaking allocation
+    of a vulnerable example; for the others, which nothing found breaks, the allocation of the
+    highest quantized loss found.
 
     Returns:
       ``{kind: path}`` of the files written.
@@ -1205,17 +1382,18 @@ def write_report(
 
     site_cols = ",".join(f"bits_{s}" for s in result.site_names)
     rows = [
-        f"index,rank,label,fp_correct,fp_margin,fp_loss,loss_increase,vulnerable,"
+        f"index,rank,status,label,fp_correct,fp_margin,fp_loss,loss_increase,vulnerable,"
         f"min_low_bit_sites,{site_cols}"
     ]
     rank = np.empty(result.num_examples, np.int64)
     rank[result.ranking()] = np.arange(result.num_examples)
+    status = example_status(result)
     for i in range(result.num_examples):
         bits = ",".join(str(int(b)) for b in result.breaking_bits[i])
         rows.append(
-            f"{i},{rank[i]},{int(result.labels[i])},{int(result.fp_correct[i])},"
+            f"{i},{rank[i]},{status[i]},{int(result.labels[i])},{int(result.fp_correct[i])},"
             f"{result.fp_margin[i]:.5f},{result.fp_loss[i]:.5f},"
-            f"{result.loss_increase[i]:.5f},{int(result.vulnerable[i])},"
+            f"{result.loss_increase[i]:.5f},{int(status[i] == 'vulnerable')},"
             f"{int(result.min_low_bit_sites[i])},{bits}"
         )
     metrics.write_text_atomic(paths["examples_csv"], "\n".join(rows) + "\n")
@@ -1257,11 +1435,15 @@ def _markdown(result: AuditResult, summary: dict[str, Any], title: str, top: int
         )
     for name, why in result.skipped.items():
         lines.append(f"Skipped `{name}`: {why}.")
-    vul = result.vulnerable
+    for name, why in result.notes.items():
+        lines.append(f"`{name}`: {why}.")
+    status = _status_codes(result)
+    n_vul, n_right = int((status == 0).sum()), int((status < 2).sum())
     lines += [
         "",
-        f"Vulnerable (FP-correct, broken by some allocation found): {vul.mean():.2%} of "
-        f"examples; mean loss increase {result.loss_increase.mean():.3f} nats.",
+        f"Vulnerable (FP-correct, broken by some allocation found): {n_vul / len(status):.2%} "
+        f"of examples ({n_vul} of the {n_right} correct in FP); mean loss increase "
+        f"{result.loss_increase.mean():.3f} nats.",
     ]
     known = result.min_low_bit_sites >= 0
     if known.any():
@@ -1271,75 +1453,172 @@ def _markdown(result: AuditResult, summary: dict[str, Any], title: str, top: int
             f"Fewest sites below the budget that break a vulnerable example "
             f"(count of examples): {parts}."
         )
-    lines += [
-        "",
-        f"## The {top} most vulnerable examples",
-        "",
-        f"| index | label | FP margin | loss increase | breaking bits "
-        f"({', '.join(result.site_names)}) |",
-        "|---:|---:|---:|---:|---|",
-    ]
-    for i in result.ranking()[:top]:
+    shown = result.ranking()[: min(max(top, 0), n_vul)]  # the ranking starts with them
+    if len(shown) == 0:
+        lines += [
+            "",
+            "## The most vulnerable examples",
+            "",
+            "No vulnerable examples: no allocation found misclassifies an example that is "
+            "correct in full precision.",
+        ]
+    else:
+        heading = (
+            f"The {len(shown)} most vulnerable examples"
+            if len(shown) > 1
+            else "The most vulnerable example"
+        )
+        more = f" (of {n_vul} vulnerable)" if len(shown) < n_vul else ""
+        lines += [
+            "",
+            f"## {heading}{more}",
+            "",
+            f"| index | label | FP margin | loss increase | breaking bits "
+            f"({', '.join(result.site_names)}) |",
+            "|---:|---:|---:|---:|---|",
+        ]
+    for i in shown:
         lines.append(
             f"| {i} | {result.labels[i]} | {result.fp_margin[i]:.2f} | "
             f"{result.loss_increase[i]:.2f} | {result.breaking_bits[i].tolist()} |"
         )
     lines += [
         "",
-        "Files: `audit.json`, `methods.csv`, `examples.csv` (every example),",
+        "Files: `audit.json`, `methods.csv`, `examples.csv` (every example, with its status),",
         "`accuracy_by_method.png`, `vulnerability_vs_margin.png`, `breaking_bits.png`.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _plots(result: AuditResult, paths: dict[str, str]) -> None:
+def _pyplot():
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    return plt
+
+
+def _bar_label_x(value: float, line: float, width: float, gap: float = 1.0):
+    """Where a horizontal bar's value label goes so that it stays clear of a vertical line.
+
+    Args:
+      value: the bar's length; line: the line's position; width: the label's width (all in
+        data units); gap: the space kept to the bar's end and to the line.
+
+    Returns:
+      ``(x, inside)``: the label's left edge, and whether it lies on the bar (white text).
+      Preferred: on the bar against its end; else on the bar left of the line (where the
+      line crosses the bar); else after the bar's end, or after the line if it is in the way.
+    """
+    clear = lambda x0: not x0 - gap < line < x0 + width + gap
+    if value - gap - width >= gap and clear(value - gap - width):
+        return value - gap - width, True
+    if line < value and line - gap - width >= gap:
+        return line - gap - width, True
+    if clear(value + gap):
+        return value + gap, False
+    return max(value, line) + gap, False
+
+
+def _accuracy_figure(result: AuditResult):
+    """Accuracy per method as bars against the FP accuracy (a dashed line behind the bars,
+    its value in the legend); each bar's value label is placed clear of the line."""
+    plt = _pyplot()
     names = list(result.methods)
     acc = [100 * result.methods[n].accuracy for n in names]
+    fp = 100 * result.fp_accuracy
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    bars = ax.barh([_METHOD_LABELS.get(n, n) for n in names], acc, color="tab:red")
-    ax.axvline(100 * result.fp_accuracy, color="k", ls="--", label="full precision")
-    ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    ax.axvline(fp, color="k", ls="--", lw=1, zorder=1, label=f"full precision: {fp:.1f}%")
+    ax.barh([_METHOD_LABELS.get(n, n) for n in names], acc, color="tab:red", zorder=2)
     ax.set_xlabel("test accuracy under DPTQ (%)")
     ax.set_xlim(0, 105)
     ax.invert_yaxis()
     ax.set_title(f"Accuracy by allocation method (budget {result.budget:g} bits)")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths["accuracy_png"], dpi=130)
-    plt.close(fig)
+    fig.tight_layout()  # fixes the axes' size, so label widths convert to data units
+    renderer = fig.canvas.get_renderer()
+    to_data = ax.transData.inverted()
+    for y, a in enumerate(acc):
+        text = ax.text(0, y, f"{a:.1f}", fontsize=8, fontweight="bold", va="center", zorder=3)
+        px = text.get_window_extent(renderer).width  # bold: the wider of the two weights
+        width = to_data.transform((px, 0))[0] - to_data.transform((0, 0))[0]
+        x, inside = _bar_label_x(a, fp, width)
+        text.set_x(x)
+        if not inside:  # after the bar: plain black text
+            text.set_color("black")
+            text.set_fontweight("normal")
+        else:
+            text.set_color("white")
+    return fig
 
+
+_CURVE_STYLES = ("-", "--", "-.", ":")
+_CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _margin_figure(result: AuditResult):
+    """Flip rate per FP-margin decile, one curve per method.
+
+    Every curve has its own line style and marker, is shifted a little sideways, and later
+    curves are drawn with smaller markers on top, so overlapping curves all stay visible; a
+    curve equal to an earlier one says so in the legend.
+    """
+    plt = _pyplot()
+    names = list(result.methods)
     right = result.fp_correct.astype(bool)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     if right.sum() >= 10:
         margins = result.fp_margin[right]
         edges = np.quantile(margins, np.linspace(0, 1, 11))
         decile = np.clip(np.searchsorted(edges, margins, side="right") - 1, 0, 9)
-        for name in names:
+        drawn: dict[str, np.ndarray] = {}
+        for k, name in enumerate(names):
             broken = result.methods[name].broken[right]
-            rate = [
-                100 * broken[decile == d].mean() if (decile == d).any() else np.nan
-                for d in range(10)
-            ]
-            ax.plot(np.arange(1, 11), rate, marker="o", label=_METHOD_LABELS.get(name, name))
-    ax.set_xlabel("FP margin decile (1 = smallest logit margin)")
+            rate = np.array(
+                [
+                    100 * broken[decile == d].mean() if (decile == d).any() else np.nan
+                    for d in range(10)
+                ]
+            )
+            label = _METHOD_LABELS.get(name, name)
+            same = [n for n, r in drawn.items() if np.array_equal(r, rate, equal_nan=True)]
+            if same:
+                label += f" (identical to {_METHOD_LABELS.get(same[0], same[0])})"
+            drawn[name] = rate
+            offset = 0.07 * (k - (len(names) - 1) / 2)
+            ax.plot(
+                np.arange(1, 11) + offset,
+                rate,
+                ls=_CURVE_STYLES[k % len(_CURVE_STYLES)],
+                marker=_CURVE_MARKERS[k % len(_CURVE_MARKERS)],
+                ms=max(3.0, 7.5 - 0.8 * k),
+                lw=1.3,
+                alpha=0.9,
+                zorder=2 + k,
+                label=label,
+            )
+    ax.set_xlabel("FP margin decile (1 = smallest logit margin; curves shifted sideways)")
     ax.set_ylabel("FP-correct examples flipped (%)")
     ax.set_xticks(np.arange(1, 11))
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(-3, 103)
     ax.set_title("Who breaks: flip rate vs full-precision margin")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(paths["margin_png"], dpi=130)
-    plt.close(fig)
+    return fig
+
+
+def _plots(result: AuditResult, paths: dict[str, str]) -> None:
+    plt = _pyplot()
+    for kind, figure in (("accuracy_png", _accuracy_figure), ("margin_png", _margin_figure)):
+        fig = figure(result)
+        fig.savefig(paths[kind], dpi=130)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    vul = result.vulnerable
+    vul = _status_codes(result) == 0
     width = 0.8 / len(result.choices)
     for k, c in enumerate(result.choices):
         frac = [

@@ -214,10 +214,8 @@ def _optim_rules() -> list[_Rule]:
 
 
 def _model_rules() -> list[_Rule]:
-    from ptq_adversary import models
-
     return [
-        _Rule("model.name", _one_of(models.MODELS)),
+        _Rule("model.name", _is_str),  # a registry name unless model.factory is set
         _Rule("model.weight_bits", _bits, optional=True),
     ]
 
@@ -383,18 +381,38 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
         _validate_budget(config)
 
 
-def _validate_budget(config: ml_collections.ConfigDict) -> None:
-    """The budget must be feasible for the model's number of sites (known without weights)."""
+def abstract_num_sites(config: ml_collections.ConfigDict) -> int:
+    """The number of quantization sites of ``config.model``, from shapes alone.
+
+    The model is built abstractly (``nnx.eval_shape``) for 10 classes and 1 channel: the
+    registry's sites depend on neither, and a factory gets both as arguments.
+
+    Raises:
+      ConfigError: the model's program has no site (or another transform error).
+    """
     from flax import nnx
 
-    from ptq_adversary import models, policy
+    from ptq_adversary import artifacts
 
-    num_sites = nnx.eval_shape(
-        lambda: models.create_model(
-            config.model.name, num_classes=10, in_channels=1, rngs=nnx.Rngs(0),
-            **to_dict(config.model.get("kwargs", {})),
-        )
-    ).num_sites  # fmt: skip
+    spec = artifacts.ModelSpec(
+        name=config.model.name,
+        num_classes=10,
+        in_channels=1,
+        weight_bits=config.model.get("weight_bits", 8),
+        kwargs=to_dict(config.model.get("kwargs", {})),
+        factory=config.model.get("factory") or None,
+    )
+    try:
+        return nnx.eval_shape(lambda: artifacts.build(spec)).num_sites
+    except ValueError as err:  # e.g. transform.TransformError: the program has no site
+        raise ConfigError("model", f"cannot derive the quantization sites: {err}") from None
+
+
+def _validate_budget(config: ml_collections.ConfigDict) -> None:
+    """The budget must be feasible for the model's number of sites (known without weights)."""
+    from ptq_adversary import policy
+
+    num_sites = abstract_num_sites(config)
     try:
         policy.Budget(tuple(config.quant.choices), num_sites, float(config.quant.budget))
     except policy.InfeasibleBudgetError as err:
@@ -402,11 +420,27 @@ def _validate_budget(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_model_kwargs(config: ml_collections.ConfigDict) -> None:
+    """``model.name`` in the registry (or ``model.factory`` importable), kwargs it accepts."""
     import inspect
 
     from ptq_adversary import models
 
-    ctor = models.MODELS[config.model.name]
+    factory = config.model.get("factory") or None
+    if factory:
+        try:
+            ctor = models.load_factory(factory)
+        except ValueError as err:
+            raise ConfigError("model.factory", str(err)) from None
+        where = f"factory {factory!r}"
+    else:
+        if config.model.name not in models.MODELS:
+            raise ConfigError(
+                "model.name",
+                f"must be one of {sorted(models.MODELS)}, got {config.model.name!r} (for your "
+                "own model set model.factory='package.module:function')",
+            )
+        ctor = models.MODELS[config.model.name]
+        where = f"model {config.model.name!r}"
     params = inspect.signature(ctor).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
@@ -414,8 +448,7 @@ def _validate_model_kwargs(config: ml_collections.ConfigDict) -> None:
         if key not in params:
             allowed = [k for k in params if k not in ("num_classes", "in_channels", "rngs")]
             raise ConfigError(
-                f"model.kwargs.{key}",
-                f"is not an argument of model {config.model.name!r}; allowed: {allowed}",
+                f"model.kwargs.{key}", f"is not an argument of {where}; allowed: {allowed}"
             )
 
 
@@ -433,6 +466,7 @@ SHAPE_FIELDS = (
     "trainer",
     "data.name",
     "model.name",
+    "model.factory",
     "model.kwargs",
     "optim.optimizer",
     "mode",

@@ -1,513 +1,242 @@
-"""Model zoo (quantizable CNNs and CIFAR ResNets), its registry and the functional boundary.
+"""Model registry, the quantized-model wrapper and the functional boundary.
 
-Every model is an ``nnx.Module`` built from :mod:`ptq_adversary.layers` with the interface
+The zoo (:mod:`ptq_adversary.zoo`) and users' own networks are ordinary ``flax.nnx`` modules,
+``net(x) -> logits [B, C]`` with BatchNorm switched by ``net.train()`` / ``net.eval()``; none of
+them knows about bit-widths. :class:`QuantizedModel` pairs such a network with what the
+program transformation (:mod:`ptq_adversary.transform`) needs: the per-example input shape and
+the weight bit-width. Its ``num_sites``, ``site_names`` and ``sites`` are derived from the
+network's traced program.
 
-    model(x, bits=None, *, train=False, frozen_bn=False) -> logits [B, num_classes]
+Training and evaluation code does not call modules directly: split a :class:`QuantizedModel`
+once with :func:`split_model` and use the pure :func:`apply_model`
 
-where ``x`` is float32 NHWC ``[B, H, W, C]`` and ``bits`` is int ``[B, model.num_sites]`` (one
-bit-width per example and site, in ``model.site_names`` order = forward order) or ``None`` for
-full precision. Training and evaluation code should not call the Module directly: split it once
-with :func:`split_model` and use the pure :func:`apply_model`, which jits and vmaps over a
-leading policy axis of ``bits`` with ``x`` and the weights shared.
+    apply_model(graphdef, params, rest, x, bits=None, *, train=False, frozen_bn=False)
+
+with ``x`` float32 ``[B, H, W, C]`` and ``bits`` int ``[B, num_sites]`` (site order = program
+order) or ``None`` for full precision. It jits, differentiates (straight-through) and vmaps over
+a leading policy axis of ``bits`` with ``x`` and the weights shared. Any function
+``fn(params, x)`` (a linen ``module.apply``, plain JAX) enters as a :class:`FunctionNet`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary.layers import (
-    BasicBlock,
-    BatchNorm,
-    ConvBN,
-    PreActBlock,
-    QConv,
-    QDense,
-    split_bits,
-)
+from ptq_adversary import transform, zoo
 
 __all__ = [
     "MODELS",
-    "ConvNet",
-    "Stage",
-    "ResNet",
-    "WideResNet",
+    "FunctionNet",
+    "QuantizedModel",
     "INFERENCE_BRANCH_EXAMPLES",
     "MAX_INFERENCE_BRANCHES",
     "MIN_BRANCHED_BATCH",
     "apply_model",
+    "as_quantized_model",
     "batch_branches",
-    "cnn",
+    "check_program",
     "count_params",
     "create_model",
-    "resnet18",
-    "resnet20",
     "inference_branches",
+    "load_factory",
+    "quantized_fn",
+    "quantized_program",
     "split_model",
-    "teacher_cnn",
-    "wrn16_4",
 ]
 
-
-# A stage of an inference forward pass: ``(num_sites, fn)`` with ``fn(y, bits) -> y'`` where
-# ``bits`` is int ``[B, num_sites]`` (possibly ``[B, 0]``). A model's ``stages()`` lists them in
-# forward order; their site counts add up to ``model.num_sites`` and composing them from the
-# image equals ``model(x, bits)`` in inference mode. The activation after a stage depends only
-# on the bits of the sites up to its end, which is what lets ``ptq_adversary.audit`` share the
-# work of allocations with a common prefix.
-Stage = tuple[int, Callable[[jax.Array, jax.Array], jax.Array]]
+#: The built-in architectures (see :mod:`ptq_adversary.zoo`).
+MODELS: dict[str, Callable[..., nnx.Module]] = dict(zoo.ZOO)
 
 
-def _scale(widths: Sequence[int], width: float) -> tuple[int, ...]:
-    return tuple(max(1, round(w * width)) for w in widths)
+class FunctionNet(nnx.Module):
+    """Any ``fn(params, x) -> logits`` with its parameter pytree, as an ``nnx.Module``.
 
-
-def _global_avg_pool(x: jax.Array) -> jax.Array:
-    return jnp.mean(x, axis=(1, 2))
-
-
-class ConvNet(nnx.Module):
-    """Plain CNN: ``ConvBN`` stack, global average pool, optional hidden dense, dense head.
-
-    Site names: ``conv1`` .. ``conv{n}`` (``conv1`` reads the image and is not a site),
-    ``fc`` (if ``hidden``), ``head``.
+    The pytree's arrays become ``nnx.Param`` s (a linen ``variables`` dict, batch statistics
+    included), so a function enters everything that takes a module: the audit, the analyses,
+    the policy training against a frozen network. ``fn`` must be in inference mode
+    (e.g. ``functools.partial(module.apply, train=False)``); it is part of the static graph and
+    must be hashable (functions and bound methods are).
     """
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        weight_bits: int | None = 8,
-        widths: Sequence[int],
-        strides: Sequence[int],
-        hidden: int | None = None,
-        rngs: nnx.Rngs,
-    ):
-        """Builds the network.
+    def __init__(self, fn: Callable[[Any, jax.Array], Any], params: Any):
+        """Wraps ``fn``.
 
         Args:
-          num_classes: number of logits ``C``.
-          in_channels: image channels.
-          weight_bits: static weight bit-width for every layer (``None``: full precision).
-          widths: output channels of each 3x3 conv.
-          strides: stride of each conv (same length as ``widths``).
-          hidden: width of a ReLU dense layer before the head, or ``None`` for none.
-          rngs: ``nnx.Rngs`` with a ``params`` stream.
+          fn: ``fn(params, x [B, ...]) -> [B, C]``.
+          params: the pytree of arrays ``fn`` takes (e.g. linen ``variables``).
         """
-        if len(widths) != len(strides):
-            raise ValueError(f"widths {widths} and strides {strides} differ in length")
-        convs = []
-        c_in = in_channels
-        for i, (c_out, s) in enumerate(zip(widths, strides, strict=True)):
-            convs.append(
-                ConvBN(
-                    c_in,
-                    c_out,
-                    3,
-                    strides=s,
-                    quantize_input=i > 0,  # the image is not a site
-                    weight_bits=weight_bits,
-                    name=f"conv{i + 1}",
-                    rngs=rngs,
-                )
+        if params is None:
+            raise TypeError(
+                "params is None: a function needs its parameters, e.g. "
+                "audit(module.apply, images, labels, params=variables) for a flax.linen module"
             )
-            c_in = c_out
-        self.convs = nnx.List(convs)
-        if hidden is not None:
-            self.fc = QDense(c_in, hidden, weight_bits=weight_bits, name="fc", rngs=rngs)
-            c_in = hidden
-        else:
-            self.fc = None
-        self.head = QDense(c_in, num_classes, weight_bits=weight_bits, name="head", rngs=rngs)
-        self.num_sites = sum(b.num_sites for b in self._blocks())
-        self.site_names = tuple(n for b in self._blocks() for n in b.site_names)
+        self.fn = fn
+        self.variables = nnx.data(jax.tree.map(lambda a: nnx.Param(jnp.asarray(a)), params))
 
-    def _blocks(self) -> list[nnx.Module]:
-        return [*self.convs, *([self.fc] if self.fc is not None else []), self.head]
-
-    def __call__(
-        self,
-        x: ArrayLike,
-        bits: ArrayLike | None = None,
-        *,
-        train: bool = False,
-        frozen_bn: bool = False,
-    ) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: float32 images ``[B, H, W, in_channels]``.
-          bits: int ``[B, num_sites]`` activation bit-widths in ``site_names`` order, or ``None``
-            for full precision (no activation or weight quantization).
-          train: BatchNorm uses batch statistics and updates its running averages...
-          frozen_bn: ...unless ``frozen_bn``, which keeps the running averages (stage B).
-
-        Returns:
-          float ``[B, num_classes]`` logits.
-        """
-        b = split_bits(bits, self._blocks())
-        y = jnp.asarray(x)
-        for conv, conv_bits in zip(self.convs, b[: len(self.convs)], strict=True):
-            y = conv(y, conv_bits, train=train, frozen_bn=frozen_bn)
-        y = _global_avg_pool(y)
-        if self.fc is not None:
-            y = jax.nn.relu(self.fc(y, b[-2]))
-        return self.head(y, b[-1])
-
-    def stages(self) -> list[Stage]:
-        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
-        out: list[Stage] = [(conv.num_sites, conv) for conv in self.convs]
-        if self.fc is not None:
-            out.append((1, lambda y, b: jax.nn.relu(self.fc(_global_avg_pool(y), b))))
-            out.append((1, self.head))
-        else:
-            out.append((1, lambda y, b: self.head(_global_avg_pool(y), b)))
-        return out
+    def __call__(self, x: ArrayLike) -> Any:
+        """``fn(params, x)``."""
+        is_var = lambda v: isinstance(v, nnx.Variable)
+        return self.fn(jax.tree.map(lambda v: v[...], self.variables, is_leaf=is_var), x)
 
 
-class ResNet(nnx.Module):
-    """CIFAR-style ResNet of :class:`~ptq_adversary.layers.BasicBlock` s.
+class QuantizedModel(nnx.Module):
+    """A network plus the settings of its dynamic-PTQ program.
 
-    3x3 stride-1 stem conv + BatchNorm + ReLU (no max-pool; not a site), stages of basic blocks
-    (the first block of every stage but the first has stride 2; 1x1 projection shortcuts where
-    the shape changes), global average pool, dense head. Site names:
-    ``stage{i}.block{j}.conv1``, ``...conv2``, ``...shortcut``, ``head`` (1-based).
-
-    References:
-      He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
+    Attributes:
+      net: any ``nnx.Module`` ``net(x) -> logits``, BatchNorm switched by ``.train()`` /
+        ``.eval()``.
+      input_shape: per-example input shape, e.g. ``(28, 28, 1)``; fixes the program whose
+        sites ``num_sites`` / ``site_names`` / ``sites`` describe.
+      weight_bits: static weight bit-width of the quantized program (``None``: FP weights).
+      quantize_first: whether the layer that reads the image is a site too.
     """
 
     def __init__(
         self,
+        net: nnx.Module,
         *,
-        num_classes: int,
-        in_channels: int,
+        input_shape: Sequence[int],
         weight_bits: int | None = 8,
-        stage_sizes: Sequence[int],
-        widths: Sequence[int],
-        rngs: nnx.Rngs,
+        quantize_first: bool = False,
     ):
-        """Builds the network.
+        """Wraps ``net``; arguments as the attributes."""
+        self.net = net
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.weight_bits = None if weight_bits is None else int(weight_bits)
+        self.quantize_first = bool(quantize_first)
 
-        Args:
-          num_classes: number of logits ``C``.
-          in_channels: image channels.
-          weight_bits: static weight bit-width for every layer (``None``: full precision).
-          stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
-          widths: channels per stage; the stem has ``widths[0]``.
-          rngs: ``nnx.Rngs`` with a ``params`` stream.
-        """
-        self.stem = ConvBN(
-            in_channels,
-            widths[0],
-            3,
-            quantize_input=False,
-            weight_bits=weight_bits,
-            name="stem",
-            rngs=rngs,
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        """Full precision, in whatever mode ``net`` is (see :func:`apply_model`)."""
+        return self.net(x)
+
+    def quantized_fn(self) -> transform.QuantizedFn:
+        """The transformed program of ``net`` in inference mode (cached; shapes only)."""
+        graphdef, state = _eval_split(self.net)
+        return quantized_fn(graphdef, state, self)
+
+    @property
+    def num_sites(self) -> int:
+        """``L``, derived from the program."""
+        return self.quantized_fn().num_sites
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """Site names in ``bits`` column order."""
+        return self.quantized_fn().site_names
+
+    @property
+    def sites(self) -> tuple[transform.Site, ...]:
+        """Per-site descriptions (op, shapes, share of FLOPs)."""
+        return self.quantized_fn().sites
+
+
+def as_quantized_model(
+    model: Any,
+    *,
+    input_shape: Sequence[int],
+    params: Any = None,
+    weight_bits: int | None = 8,
+    quantize_first: bool = False,
+) -> QuantizedModel:
+    """Any model a user brings, as a :class:`QuantizedModel`.
+
+    Args:
+      model: a :class:`QuantizedModel` (returned as is), an ``nnx.Module``, or a function
+        ``fn(params, x)`` (a linen ``module.apply``, plain JAX) given with ``params``.
+      input_shape: per-example input shape.
+      params: the function's parameter pytree (linen ``variables``); only with a function.
+      weight_bits, quantize_first: the transform's settings.
+
+    Raises:
+      TypeError: a function without ``params``, ``params`` with a module, or anything else.
+    """
+    if isinstance(model, QuantizedModel):
+        return model
+    if isinstance(model, nnx.Module):
+        if params is not None:
+            raise TypeError("params= goes with a function; an nnx.Module carries its own state")
+        net = model
+    elif callable(model):
+        if params is None:
+            raise TypeError(
+                "a function model needs its parameters: pass params=, e.g. "
+                "audit(module.apply, images, labels, params=variables) for a flax.linen module"
+            )
+        net = FunctionNet(model, params)
+    else:
+        raise TypeError(f"model must be an nnx.Module or a function, got {type(model).__name__}")
+    return QuantizedModel(
+        net, input_shape=input_shape, weight_bits=weight_bits, quantize_first=quantize_first
+    )
+
+
+def check_program(model: QuantizedModel, example_input: ArrayLike) -> transform.QuantizedFn:
+    """Derives ``model``'s sites on real data and checks that they matter.
+
+    Runs :func:`transform.quantize` with the concrete weights (so it verifies that the network
+    treats examples independently in inference mode), then evaluates ``example_input`` at the
+    lowest and highest bit-width of every site.
+
+    Args:
+      model: the model to check.
+      example_input: float ``[B, ...]`` (a few examples suffice).
+
+    Returns:
+      The transformed program.
+
+    Raises:
+      transform.TransformError: no site, a site inside a loop, a network that mixes examples,
+        or quantized logits that do not depend on the bits at all.
+    """
+    x = jnp.asarray(example_input, jnp.float32)[:8]
+    eval_graphdef, state = _eval_split(model.net)
+    qfn = transform.quantize(
+        functools.partial(_call_net, eval_graphdef),
+        state,
+        x,
+        weight_bits=model.weight_bits,
+        quantize_first=model.quantize_first,
+    )
+    low = jnp.full((x.shape[0], qfn.num_sites), 2, jnp.int32)
+    high = jnp.full((x.shape[0], qfn.num_sites), 16, jnp.int32)
+    run = jax.jit(qfn)
+    if np.array_equal(np.asarray(run(state, x, low)), np.asarray(run(state, x, high))):
+        raise transform.TransformError(
+            f"the quantized output does not depend on the bits: {qfn.num_sites} site(s) "
+            f"({', '.join(qfn.site_names)}) give the same logits at 2 and 16 bits on "
+            f"{x.shape[0]} examples, so every allocation would look harmless"
         )
-        blocks = []
-        c_in = widths[0]
-        for i, (n, c_out) in enumerate(zip(stage_sizes, widths, strict=True)):
-            for j in range(n):
-                blocks.append(
-                    BasicBlock(
-                        c_in,
-                        c_out,
-                        strides=2 if i > 0 and j == 0 else 1,
-                        weight_bits=weight_bits,
-                        name=f"stage{i + 1}.block{j + 1}",
-                        rngs=rngs,
-                    )
-                )
-                c_in = c_out
-        self.blocks = nnx.List(blocks)
-        self.head = QDense(c_in, num_classes, weight_bits=weight_bits, name="head", rngs=rngs)
-        self.num_sites = sum(b.num_sites for b in self._blocks())
-        self.site_names = tuple(n for b in self._blocks() for n in b.site_names)
-
-    def _blocks(self) -> list[nnx.Module]:
-        return [self.stem, *self.blocks, self.head]
-
-    def __call__(
-        self,
-        x: ArrayLike,
-        bits: ArrayLike | None = None,
-        *,
-        train: bool = False,
-        frozen_bn: bool = False,
-    ) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: float32 images ``[B, H, W, in_channels]``.
-          bits: int ``[B, num_sites]`` activation bit-widths in ``site_names`` order, or ``None``
-            for full precision (no activation or weight quantization).
-          train: BatchNorm uses batch statistics and updates its running averages...
-          frozen_bn: ...unless ``frozen_bn``, which keeps the running averages (stage B).
-
-        Returns:
-          float ``[B, num_classes]`` logits.
-        """
-        b = split_bits(bits, self._blocks())
-        flags = dict(train=train, frozen_bn=frozen_bn)
-        y = self.stem(x, b[0], **flags)
-        for block, block_bits in zip(self.blocks, b[1:-1], strict=True):
-            y = block(y, block_bits, **flags)
-        return self.head(_global_avg_pool(y), b[-1])
-
-    def stages(self) -> list[Stage]:
-        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
-        return [
-            (self.stem.num_sites, self.stem),
-            *[(block.num_sites, block) for block in self.blocks],
-            (1, lambda y, b: self.head(_global_avg_pool(y), b)),
-        ]
+    return qfn
 
 
-class WideResNet(nnx.Module):
-    """Wide ResNet WRN-``depth``-``widen_factor`` of pre-activation blocks (CIFAR).
+def load_factory(path: str) -> Callable[..., nnx.Module]:
+    """Imports a user's model constructor from ``"package.module:function"``.
 
-    3x3 stem conv to 16 channels (not a site), three stages of ``(depth - 4) / 6``
-    :class:`~ptq_adversary.layers.PreActBlock` s with ``16k, 32k, 64k`` channels (strides 1, 2,
-    2), final BatchNorm + ReLU, global average pool, dense head. Site names as in
-    :class:`ResNet`.
-
-    References:
-      Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
+    Raises:
+      ValueError: a malformed path, a module that does not import, or a missing function.
     """
+    import importlib  # noqa: PLC0415 (only for user models)
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        in_channels: int,
-        weight_bits: int | None = 8,
-        depth: int = 16,
-        widen_factor: int = 4,
-        width: float = 1.0,
-        rngs: nnx.Rngs,
-    ):
-        """Builds the network.
-
-        Args:
-          num_classes: number of logits ``C``.
-          in_channels: image channels.
-          weight_bits: static weight bit-width for every layer (``None``: full precision).
-          depth: ``6 n + 4`` for ``n`` blocks per stage.
-          widen_factor: ``k``.
-          width: extra multiplier on every width (tests shrink the model with it).
-          rngs: ``nnx.Rngs`` with a ``params`` stream.
-        """
-        if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
-        n = (depth - 4) // 6
-        stem_width, *widths = _scale(
-            (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor), width
-        )
-        self.stem = QConv(
-            in_channels,
-            stem_width,
-            3,
-            quantize_input=False,
-            weight_bits=weight_bits,
-            name="stem",
-            rngs=rngs,
-        )
-        blocks = []
-        c_in = stem_width
-        for i, c_out in enumerate(widths):
-            for j in range(n):
-                blocks.append(
-                    PreActBlock(
-                        c_in,
-                        c_out,
-                        strides=2 if i > 0 and j == 0 else 1,
-                        weight_bits=weight_bits,
-                        name=f"stage{i + 1}.block{j + 1}",
-                        rngs=rngs,
-                    )
-                )
-                c_in = c_out
-        self.blocks = nnx.List(blocks)
-        self.bn = BatchNorm(c_in, rngs=rngs)
-        self.head = QDense(c_in, num_classes, weight_bits=weight_bits, name="head", rngs=rngs)
-        self.num_sites = sum(b.num_sites for b in self._blocks())
-        self.site_names = tuple(n for b in self._blocks() for n in b.site_names)
-
-    def _blocks(self) -> list[nnx.Module]:
-        return [self.stem, *self.blocks, self.head]
-
-    def __call__(
-        self,
-        x: ArrayLike,
-        bits: ArrayLike | None = None,
-        *,
-        train: bool = False,
-        frozen_bn: bool = False,
-    ) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: float32 images ``[B, H, W, in_channels]``.
-          bits: int ``[B, num_sites]`` activation bit-widths in ``site_names`` order, or ``None``
-            for full precision (no activation or weight quantization).
-          train: BatchNorm uses batch statistics and updates its running averages...
-          frozen_bn: ...unless ``frozen_bn``, which keeps the running averages (stage B).
-
-        Returns:
-          float ``[B, num_classes]`` logits.
-        """
-        b = split_bits(bits, self._blocks())
-        flags = dict(train=train, frozen_bn=frozen_bn)
-        y = self.stem(x, b[0])
-        for block, block_bits in zip(self.blocks, b[1:-1], strict=True):
-            y = block(y, block_bits, **flags)
-        y = jax.nn.relu(self.bn(y, **flags))
-        return self.head(_global_avg_pool(y), b[-1])
-
-    def stages(self) -> list[Stage]:
-        """The inference forward pass as consecutive stages (see :data:`Stage`)."""
-        return [
-            (self.stem.num_sites, self.stem),
-            *[(block.num_sites, block) for block in self.blocks],
-            (1, lambda y, b: self.head(_global_avg_pool(jax.nn.relu(self.bn(y))), b)),
-        ]
-
-
-# --- Registry constructors: keyword-only (num_classes, in_channels, weight_bits, rngs) plus
-# --- architecture kwargs.
-
-
-def cnn(
-    *,
-    num_classes: int,
-    in_channels: int,
-    weight_bits: int | None = 8,
-    widths: Sequence[int] = (16, 32, 64, 64),
-    strides: Sequence[int] = (1, 2, 2, 1),
-    rngs: nnx.Rngs,
-) -> ConvNet:
-    """Small student CNN for Fashion-MNIST on CPU (61,050 params at 28x28x1, 10 classes; 4 sites).
-
-    conv16-BN-ReLU, conv32/2, conv64/2, conv64 (each BN-ReLU), global average pool, dense head.
-    ~75-95 ms per jitted Adam train step at batch 128 on 2 CPU cores.
-    """
-    return ConvNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        widths=widths,
-        strides=strides,
-        rngs=rngs,
-    )
-
-
-def teacher_cnn(
-    *,
-    num_classes: int,
-    in_channels: int,
-    weight_bits: int | None = 8,
-    widths: Sequence[int] = (16, 64, 128, 128),
-    strides: Sequence[int] = (1, 2, 2, 1),
-    hidden: int | None = 256,
-    rngs: nnx.Rngs,
-) -> ConvNet:
-    """Fashion-MNIST teacher: wide at low resolution, plus a hidden dense layer; 5 sites.
-
-    conv16-BN-ReLU, conv64/2, conv128/2, conv128 (each BN-ReLU), global average pool,
-    dense256-ReLU, dense head (~267k params at 28x28x1, 10 classes). The first conv stays at 16
-    channels because on XLA:CPU the full-resolution layers dominate the step time (32 channels
-    there cost ~1.3x per step for no clear gain). Measured on 2 CPU cores: ~140 ms per jitted
-    Adam train step at batch 128 and 91.3% test accuracy after 5 epochs (Adam, lr 2e-3 cosine
-    decay, no augmentation; the default ``cnn`` reaches 89.7% the same way).
-    """
-    return ConvNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        widths=widths,
-        strides=strides,
-        hidden=hidden,
-        rngs=rngs,
-    )
-
-
-def resnet18(
-    *,
-    num_classes: int,
-    in_channels: int,
-    weight_bits: int | None = 8,
-    width: float = 1.0,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """CIFAR ResNet-18: [2, 2, 2, 2] basic blocks of 64/128/256/512 x ``width``; 20 sites."""
-    return ResNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        stage_sizes=(2, 2, 2, 2),
-        widths=_scale((64, 128, 256, 512), width),
-        rngs=rngs,
-    )
-
-
-def resnet20(
-    *,
-    num_classes: int,
-    in_channels: int,
-    weight_bits: int | None = 8,
-    width: float = 1.0,
-    rngs: nnx.Rngs,
-) -> ResNet:
-    """CIFAR ResNet-20: [3, 3, 3] basic blocks of 16/32/64 x ``width``, projection shortcuts.
-
-    21 sites: 18 block convs, 2 projection shortcuts, the head.
-    """
-    return ResNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        stage_sizes=(3, 3, 3),
-        widths=_scale((16, 32, 64), width),
-        rngs=rngs,
-    )
-
-
-def wrn16_4(
-    *,
-    num_classes: int,
-    in_channels: int,
-    weight_bits: int | None = 8,
-    width: float = 1.0,
-    rngs: nnx.Rngs,
-) -> WideResNet:
-    """WRN-16-4 (2 pre-activation blocks per stage, 64/128/256 x ``width``); 16 sites."""
-    return WideResNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        depth=16,
-        widen_factor=4,
-        width=width,
-        rngs=rngs,
-    )
-
-
-MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "cnn": cnn,
-    "teacher_cnn": teacher_cnn,
-    "resnet18": resnet18,
-    "resnet20": resnet20,
-    "wrn16_4": wrn16_4,
-}
+    module_name, sep, attr = str(path).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model factory must look like 'package.module:function', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model factory {path!r}: cannot import {module_name!r}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"model factory {path!r}: {module_name} has no function {attr!r}")
+    return fn
 
 
 def create_model(
@@ -515,46 +244,113 @@ def create_model(
     *,
     num_classes: int,
     in_channels: int,
+    image_size: int | Sequence[int] = 32,
     weight_bits: int | None = 8,
     rngs: nnx.Rngs,
     **kwargs,
-) -> nnx.Module:
+) -> QuantizedModel:
     """Builds a registered model.
 
     Args:
       name: a key of :data:`MODELS`.
       num_classes: number of logits.
       in_channels: image channels (1 for Fashion-MNIST, 3 for CIFAR).
-      weight_bits: static weight bit-width used whenever ``bits`` is given (``None``: full
-        precision weights).
+      image_size: ``H`` (square) or ``(H, W)`` of the inputs the sites are described for.
+      weight_bits: static weight bit-width of the quantized program (``None``: FP weights).
       rngs: ``nnx.Rngs`` with a ``params`` stream.
       **kwargs: architecture arguments of the constructor (e.g. ``widths``, ``width``).
 
     Returns:
-      The model, with ``num_sites`` and ``site_names``.
+      The network wrapped in a :class:`QuantizedModel`, in inference mode (``model(x)`` uses
+      the running statistics; :func:`apply_model` switches modes itself).
 
     Raises:
       ValueError: for an unknown ``name``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {sorted(MODELS)}")
-    return MODELS[name](
-        num_classes=num_classes,
-        in_channels=in_channels,
-        weight_bits=weight_bits,
-        rngs=rngs,
-        **kwargs,
-    )
+    net = MODELS[name](num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+    net.eval()  # a direct call is inference; apply_model sets the mode it is asked for
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return QuantizedModel(net, input_shape=(h, w, in_channels), weight_bits=weight_bits)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Splits a model once at the boundary into pure pytrees.
 
     Returns:
-      ``(graphdef, params, rest)``: the static structure (including ``site_names``), the
-      ``nnx.Param`` state (what optimizers update) and everything else (BatchNorm statistics).
+      ``(graphdef, params, rest)``: the static structure, the ``nnx.Param`` state (what
+      optimizers update) and everything else (BatchNorm statistics).
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"split_model needs an nnx.Module, got {type(model).__name__}; a function (e.g. a "
+            "linen module.apply) enters through models.as_quantized_model(fn, params=...)"
+        )
     return nnx.split(model, nnx.Param, ...)
+
+
+def _eval_split(net: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """``net``'s structure in inference mode and its whole state (no copy of the arrays)."""
+    graphdef, state = nnx.split(net)
+    copy = nnx.merge(graphdef, state)
+    copy.eval()
+    return nnx.split(copy)
+
+
+def _avals(tree: Any) -> tuple[Any, tuple[tuple[tuple[int, ...], str], ...]]:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(a)), str(jnp.result_type(a))) for a in leaves)
+
+
+def quantized_fn(
+    eval_graphdef: nnx.GraphDef, state: nnx.State, model: QuantizedModel, x_shape=None
+) -> transform.QuantizedFn:
+    """The transformed program of a network in inference mode, cached by structure and shapes.
+
+    Args:
+      eval_graphdef, state: ``nnx.split`` of the network in inference mode (arrays or tracers).
+      model: the :class:`QuantizedModel` whose settings apply.
+      x_shape: per-example input shape (default ``model.input_shape``).
+    """
+    treedef, shapes = _avals(state)
+    x_shape = tuple(model.input_shape if x_shape is None else x_shape)
+    return _cached_quantize(
+        eval_graphdef, treedef, shapes, x_shape, model.weight_bits, model.quantize_first
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_quantize(graphdef, treedef, shapes, x_shape, weight_bits, quantize_first):
+    abstract = jax.tree.unflatten(
+        treedef, [jax.ShapeDtypeStruct(s, jnp.dtype(d)) for s, d in shapes]
+    )
+    fn = functools.partial(_call_net, graphdef)
+    example = jax.ShapeDtypeStruct((1, *x_shape), jnp.float32)
+    return transform.quantize(
+        fn, abstract, example, weight_bits=weight_bits, quantize_first=quantize_first
+    )
+
+
+def quantized_program(
+    graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x_shape: Sequence[int] | None = None
+) -> tuple[transform.QuantizedFn, nnx.State]:
+    """The transformed program of a split :class:`QuantizedModel` and the state it takes.
+
+    Args:
+      graphdef, params, rest: from :func:`split_model` (arrays or tracers).
+      x_shape: per-example input shape (default: the model's ``input_shape``).
+
+    Returns:
+      ``(qfn, state)``: call ``qfn(state, x, bits)`` or ``qfn.run_segments(state, ...)``.
+    """
+    model = nnx.merge(graphdef, params, rest)
+    eval_graphdef, state = _eval_split(model.net)
+    return quantized_fn(eval_graphdef, state, model, x_shape), state
+
+
+def _call_net(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(x)
 
 
 #: Examples per independent branch of a quantized inference pass, per backend (see
@@ -608,8 +404,9 @@ def apply_model(
     train: bool = False,
     frozen_bn: bool = False,
     branches: int | None = None,
+    quant_mode: str = "fake",
 ) -> tuple[jax.Array, nnx.State]:
-    """Pure forward pass of a split model; jittable, differentiable and vmappable.
+    """Pure forward pass of a split :class:`QuantizedModel`; jittable, differentiable, vmappable.
 
     Args:
       graphdef: from :func:`split_model`.
@@ -617,25 +414,34 @@ def apply_model(
       rest: non-parameter state (BatchNorm statistics).
       x: float32 ``[B, H, W, C]`` images.
       bits: int ``[B, L]`` activation bit-widths (``L = model.num_sites``), or ``None`` for
-        full precision (static choice). To evaluate ``P`` policies at once, ``jax.vmap`` this
-        function over a ``[P, B, L]`` array with everything else shared
+        full precision (static choice). With ``bits`` the network runs through its transformed
+        program (:mod:`ptq_adversary.transform`) in inference mode: BatchNorm on its running
+        statistics, every site per example. To evaluate ``P`` policies at once, ``jax.vmap``
+        this function over a ``[P, B, L]`` array with everything else shared
         (``in_axes=(None, None, None, None, 0)``).
-      train: static; use batch statistics unless ``frozen_bn``.
+      train: static; full precision with batch statistics (``net.train()``) unless
+        ``frozen_bn``. With ``bits``, ``train`` requires ``frozen_bn`` (stage B).
       frozen_bn: static; with ``train``, keep BatchNorm on its running statistics (stage B).
       branches: static; split the batch into this many parts computed as independent
         branches of one program and concatenated. Every op of an inference pass is per
         example, so only the schedule changes: the logits equal the unsplit pass up to the
-        float rounding of differently sized convolutions (tests/test_models.py; bit-identical
-        for the default student on 28x28 inputs, experiments/bench_policies.py checks). ``None``:
+        float rounding of differently sized convolutions (tests/test_models.py). ``None``:
         :func:`inference_branches` for quantized inference (``bits`` given, ``train=False``),
         else 1 (full-precision passes are one fused kernel on XLA:CPU and gain nothing).
         Values above ``B`` are clipped to ``B``; a value > 1 with batch statistics
         (``train and not frozen_bn``) is an error.
+      quant_mode: static; ``"fake"`` (fake quantization in float) or ``"integer"`` (every
+        site on integer codes with int32 accumulation, see :class:`transform.QuantizedFn`).
 
     Returns:
       ``(logits, new_rest)``: float ``[B, num_classes]`` and the updated non-parameter state,
       which differs from ``rest`` only when ``train and not frozen_bn``.
     """
+    if bits is not None and train and not frozen_bn:
+        raise ValueError(
+            "quantized passes run BatchNorm on its running statistics: bits with train=True "
+            "need frozen_bn=True"
+        )
     if branches is None:
         batch = jnp.shape(x)[0] if jnp.ndim(x) else 0
         branches = 1 if bits is None or train else inference_branches(batch)
@@ -646,16 +452,17 @@ def apply_model(
             "branches > 1 needs per-example computation, but train=True without frozen_bn "
             "normalizes with batch statistics (which would differ per branch)"
         )
+    flags = dict(train=train, frozen_bn=frozen_bn, quant_mode=quant_mode)
     if branches > 1:  # batch_branches clips to B; inference and frozen BN leave `rest` as is
-        fn = lambda x, b: _apply(graphdef, params, rest, x, b, train=train, frozen_bn=frozen_bn)[0]
+        fn = lambda x, b: _apply(graphdef, params, rest, x, b, **flags)[0]
         return batch_branches(fn, branches, x, bits), rest
-    return _apply(graphdef, params, rest, x, bits, train=train, frozen_bn=frozen_bn)
+    return _apply(graphdef, params, rest, x, bits, **flags)
 
 
-def batch_branches(fn: Callable[..., Any], branches: int, *args: ArrayLike | None) -> Any:
+def batch_branches(fn: Callable[..., Any], branches: int, *args: Any) -> Any:
     """``fn(*args)`` computed as ``branches`` independent parts of the leading axis.
 
-    Each array in ``args`` (``None`` passes through) is cut along axis 0 with
+    Every array leaf of ``args`` (pytrees; ``None`` passes through) is cut along axis 0 with
     ``jnp.array_split``; ``fn`` runs once per part, unrolled into the traced program, and every
     leaf of its pytree output is concatenated back along axis 0. Correct only for ``fn`` that
     treats examples independently (inference, frozen BatchNorm); see :func:`apply_model`.
@@ -663,28 +470,44 @@ def batch_branches(fn: Callable[..., Any], branches: int, *args: ArrayLike | Non
     Args:
       fn: ``(*parts) -> pytree`` of arrays with the parts' leading axis.
       branches: number of parts, clipped to ``[1, B]``.
-      *args: arrays ``[B, ...]`` sharing ``B``, or ``None``.
+      *args: pytrees of arrays ``[B, ...]`` sharing ``B``, or ``None``.
 
     Returns:
       ``fn``'s pytree over all ``B`` examples.
     """
-    arrays = [None if a is None else jnp.asarray(a) for a in args]
-    batch = next(a.shape[0] for a in arrays if a is not None)
+    args = jax.tree.map(jnp.asarray, args)
+    batch = jax.tree.leaves(args)[0].shape[0]
     branches = max(1, min(branches, batch))
     if branches == 1:
-        return fn(*arrays)
-    split = [[None] * branches if a is None else jnp.array_split(a, branches) for a in arrays]
-    outs = [fn(*parts) for parts in zip(*split, strict=True)]
+        return fn(*args)
+    pieces = jax.tree.map(lambda a: jnp.array_split(a, branches), args)
+    is_pieces = lambda v: isinstance(v, list) and all(isinstance(p, jax.Array) for p in v)
+    part = lambda i: jax.tree.map(lambda p: p[i], pieces, is_leaf=is_pieces)
+    outs = [fn(*part(i)) for i in range(branches)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
-def _apply(graphdef, params, rest, x, bits, *, train, frozen_bn):
+def _apply(graphdef, params, rest, x, bits, *, train, frozen_bn, quant_mode):
     # copy=True: fresh Variables in the current trace, so BatchNorm updates neither touch the
     # caller's `rest` (purity) nor trip NNX's trace-level check under jax.grad inside jax.jit.
     model = nnx.merge(graphdef, params, rest, copy=True)
-    logits = model(x, bits, train=train, frozen_bn=frozen_bn)
-    _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return logits, new_rest
+    if not isinstance(model, QuantizedModel):
+        raise TypeError(
+            f"apply_model needs a split QuantizedModel, got {type(model).__name__}; wrap a "
+            "network with models.as_quantized_model(net, input_shape=...)"
+        )
+    x = jnp.asarray(x)
+    if bits is None:
+        if train and not frozen_bn:
+            model.net.train()
+        else:
+            model.net.eval()
+        logits = model.net(x)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return logits, new_rest
+    eval_graphdef, state = _eval_split(model.net)
+    qfn = quantized_fn(eval_graphdef, state, model, x.shape[1:])
+    return qfn(state, x, bits, mode=quant_mode), rest
 
 
 def count_params(params: nnx.State) -> int:

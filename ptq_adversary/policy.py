@@ -60,7 +60,7 @@ __all__ = [
     "uniform_allocation",
 ]
 
-#: Default activation bit-width choices (METHOD.md).
+#: Default activation bit-width choices (docs/METHOD.md).
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
 
 #: Value given to disallowed logits. Finite on purpose: ``exp(MASKED_LOGIT - max)`` is exactly 0

@@ -41,6 +41,8 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -51,6 +53,7 @@ __all__ = [
     "fake_quant_activation",
     "fake_quant_weight",
     "quantize_activation",
+    "quantize_weight",
     "straight_through",
 ]
 
@@ -172,27 +175,32 @@ def fake_quant_activation(x: ArrayLike, bits: ArrayLike) -> jax.Array:
     return straight_through(x, x_hat)
 
 
-def fake_quant_weight(w: ArrayLike, bits: ArrayLike, *, channel_axis: int = -1) -> jax.Array:
-    """Static symmetric per-output-channel fake quantization of weights, straight-through.
+def quantize_weight(
+    w: ArrayLike, bits: ArrayLike, *, channel_axis: int | Sequence[int] = -1
+) -> tuple[jax.Array, jax.Array]:
+    """Integer codes and per-channel scales of the static symmetric weight quantizer.
 
     Args:
       w: float weights, e.g. a conv kernel ``[kh, kw, C_in, C_out]`` or a dense kernel
         ``[C_in, C_out]``.
-      bits: integer bit-width (Python int or integer array scalar, may be traced), in
+      bits: integer bit-width scalar (Python int or array, may be traced), in
         ``[MIN_BITS, MAX_BITS]``.
-      channel_axis: the output-channel axis; the scale is computed over all other axes.
+      channel_axis: the output-channel axis, or several (e.g. the free axes of an einsum
+        operand); the scale is computed over all other axes.
 
     Returns:
-      ``w_hat`` with ``w``'s shape and dtype on the grid ``s * {-qmax, ..., qmax}`` per
-      channel with ``qmax = 2^(b-1) - 1``; all-zero channels (and channels whose scale is
-      below the smallest normal float) come back unchanged; finite in, finite out.
+      ``(q, scale)`` in float32 (float64 for float64 ``w``): ``q`` has ``w``'s shape and holds
+      integers in ``[-qmax, qmax]``, ``qmax = 2^(b-1) - 1``; ``scale`` has ``w``'s rank with size 1
+      on the reduced axes. Degenerate channels (all zero, or a scale below the smallest normal
+      float) get ``scale = 0`` and ``q = 0``.
     """
     w = jnp.asarray(w)
     bits = jnp.asarray(bits)
     if not jnp.issubdtype(bits.dtype, jnp.integer) or bits.ndim != 0:
         raise TypeError(f"weight bits must be an integer scalar, got {bits.dtype}{bits.shape}")
-    channel_axis = channel_axis % w.ndim
-    axes = tuple(a for a in range(w.ndim) if a != channel_axis)
+    channels = {channel_axis} if isinstance(channel_axis, int) else set(channel_axis)
+    channels = {a % w.ndim for a in channels} if w.ndim else set()
+    axes = tuple(a for a in range(w.ndim) if a not in channels)
     compute_dtype = jnp.promote_types(w.dtype, jnp.float32)
     wc = w.astype(compute_dtype)
     qmax = _num_levels_minus_one(bits - 1, compute_dtype)
@@ -203,8 +211,31 @@ def fake_quant_weight(w: ArrayLike, bits: ArrayLike, *, channel_axis: int = -1) 
     safe_scale = jnp.where(normal, scale, 1.0)
     c = _huge_scale_factor(safe_scale)
     q = jnp.clip(jnp.round((wc * c) * (1.0 / (safe_scale * c))), -qmax, qmax)
+    return jnp.where(normal, q, 0.0), jnp.where(normal, scale, 0.0)
+
+
+def fake_quant_weight(
+    w: ArrayLike, bits: ArrayLike, *, channel_axis: int | Sequence[int] = -1
+) -> jax.Array:
+    """Static symmetric per-output-channel fake quantization of weights, straight-through.
+
+    Args:
+      w: float weights, e.g. a conv kernel ``[kh, kw, C_in, C_out]`` or a dense kernel
+        ``[C_in, C_out]``.
+      bits: integer bit-width (Python int or integer array scalar, may be traced), in
+        ``[MIN_BITS, MAX_BITS]``.
+      channel_axis: the output-channel axis (or axes); the scale is computed over all others.
+
+    Returns:
+      ``w_hat`` with ``w``'s shape and dtype on the grid ``s * {-qmax, ..., qmax}`` per
+      channel with ``qmax = 2^(b-1) - 1``; all-zero channels (and channels whose scale is
+      below the smallest normal float) come back unchanged; finite in, finite out.
+    """
+    w = jnp.asarray(w)
+    q, scale = quantize_weight(w, bits, channel_axis=channel_axis)
+    normal = scale > 0
     # s * qmax can round past the dtype's largest value; clip so finite stays finite.
     big = jnp.finfo(w.dtype).max
-    w_hat = jnp.clip(safe_scale * q, -big, big).astype(w.dtype)
+    w_hat = jnp.clip(jnp.where(normal, scale, 1.0) * q, -big, big).astype(w.dtype)
     w_hat = jnp.where(normal, w_hat, w)
     return straight_through(w, w_hat)

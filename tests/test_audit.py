@@ -1,9 +1,10 @@
 """The audit: prefix-shared enumeration is exact, searches are feasible and bounded by the
-exact worst case, any model with the bits interface can be audited, bad input is rejected."""
+exact worst case, any linen / NNX / plain-JAX model can be audited, bad input is rejected."""
 
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from conftest import REPO, load_config, requires_fashion_mnist
 from flax import nnx
 
-from ptq_adversary import audit, config_lib, layers, models, policy
+from ptq_adversary import audit, config_lib, models, policy, transform
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 
@@ -23,7 +24,12 @@ def _images(n=12, size=12, seed=0):
 
 def _cnn(seed=0):
     return models.create_model(
-        "cnn", num_classes=10, in_channels=1, rngs=nnx.Rngs(seed), widths=(4, 8, 8, 8)
+        "cnn",
+        num_classes=10,
+        in_channels=1,
+        image_size=12,
+        rngs=nnx.Rngs(seed),
+        widths=(4, 8, 8, 8),
     )
 
 
@@ -31,21 +37,56 @@ def _all_bits(budget):
     return np.asarray(policy.to_bits(policy.enumerate_allocations(budget), budget))
 
 
-class NoStages(nnx.Module):
-    """A user's own model from the package's layers, without ``stages()``: two convs, head."""
+class UserNet(nnx.Module):
+    """A user's own plain-NNX model, no ptq_adversary code in it: two convs, head (2 sites)."""
 
     def __init__(self, rngs):
-        self.conv1 = layers.ConvBN(1, 4, 3, strides=2, quantize_input=False, rngs=rngs)
-        self.conv2 = layers.ConvBN(4, 8, 3, strides=2, name="mid", rngs=rngs)
-        self.head = layers.QDense(8, 10, name="out", rngs=rngs)
-        self.num_sites = 2
-        self.site_names = ("mid", "out")
+        self.conv1 = nnx.Conv(1, 4, (3, 3), strides=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.conv2 = nnx.Conv(4, 8, (3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(8, 10, rngs=rngs)
 
-    def __call__(self, x, bits=None, *, train=False, frozen_bn=False):
-        b = layers.split_bits(bits, [self.conv1, self.conv2, self.head])
-        y = self.conv1(x, b[0], train=train, frozen_bn=frozen_bn)
-        y = self.conv2(y, b[1], train=train, frozen_bn=frozen_bn)
-        return self.head(jnp.mean(y, axis=(1, 2)), b[2])
+    def __call__(self, x):
+        y = jax.nn.relu(self.bn(self.conv1(x)))
+        return self.head(jax.nn.relu(self.conv2(y)).mean((1, 2)))
+
+
+def _user_net(seed=0):
+    net = UserNet(nnx.Rngs(seed))
+    net.eval()
+    return net
+
+
+class LinenResNet(nn.Module):
+    """A user's own linen residual network: stem, two basic blocks (one projected), head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = lambda: nn.BatchNorm(use_running_average=not train)
+        x = nn.relu(norm()(nn.Conv(4, (3, 3), use_bias=False, name="stem")(x)))
+        for i, (width, stride) in enumerate([(4, 1), (8, 2)]):
+            y = nn.relu(norm()(nn.Conv(width, (3, 3), stride, use_bias=False)(x)))
+            y = norm()(nn.Conv(width, (3, 3), use_bias=False)(y))
+            if stride != 1:
+                x = nn.Conv(width, (1, 1), stride, use_bias=False, name=f"proj{i}")(x)
+            x = nn.relu(x + y)
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def _linen_resnet(x):
+    module = LinenResNet()
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
+    _, stats = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    return module, {**variables, **stats}
+
+
+def _brute_force(qfn, state, x, y, allocs):
+    """One full quantized pass per allocation: loss and correct ``[N, B]``."""
+    run = jax.jit(lambda b: qfn(state, x, jnp.broadcast_to(b, (len(x), len(b)))))
+    logits = np.stack([np.asarray(run(jnp.asarray(a))) for a in allocs])
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    label = np.broadcast_to(y[None, :, None], (len(allocs), len(y), 1))
+    return -np.take_along_axis(log_p, label, 2)[..., 0], logits.argmax(-1) == y[None]
 
 
 def test_prefix_tree_groups_shared_prefixes():
@@ -63,6 +104,14 @@ def test_prefix_tree_groups_shared_prefixes():
         audit.prefix_tree(allocs, [1, 1])
 
 
+def _zoo(name, kwargs):
+    model = models.create_model(
+        name, num_classes=10, in_channels=1, image_size=16, rngs=nnx.Rngs(1), **kwargs
+    )
+    model.net.eval()
+    return model
+
+
 @pytest.mark.parametrize(
     "name,kwargs",
     [
@@ -70,26 +119,33 @@ def test_prefix_tree_groups_shared_prefixes():
         ("teacher_cnn", {"widths": (4, 8, 8, 8), "hidden": 8}),  # fc stage
         ("resnet20", {"width": 0.25}),
         ("wrn16_4", {"width": 0.125}),
+        ("linen_resnet", None),
+        ("user_nnx", None),
     ],
 )
-def test_stages_compose_to_the_model(name, kwargs):
-    model = models.create_model(name, num_classes=10, in_channels=1, rngs=nnx.Rngs(1), **kwargs)
-    stages = model.stages()
-    assert sum(k for k, _ in stages) == model.num_sites
+def test_program_segments_compose_to_the_full_pass(name, kwargs):
     x, _ = _images(4, 16)
+    if name == "linen_resnet":
+        module, variables = _linen_resnet(x)
+        model = models.as_quantized_model(module.apply, input_shape=x.shape[1:], params=variables)
+    elif name == "user_nnx":
+        model = models.as_quantized_model(_user_net(), input_shape=x.shape[1:])
+    else:
+        model = _zoo(name, kwargs)
+    g, p, r = models.split_model(model)
+    qfn, state = models.quantized_program(g, p, r)
+    assert qfn.num_segments == model.num_sites + 1
     bits = np.random.default_rng(0).choice(CHOICES, size=(4, model.num_sites)).astype(np.int32)
-    graphdef, state = nnx.split(model)
 
     @jax.jit
     def composed(state, x, bits):
-        y, start = x, 0
-        for k, fn in nnx.merge(graphdef, state).stages():
-            y = fn(y, bits[:, start : start + k])
-            start += k
-        return y
+        h = x
+        for k in range(qfn.num_segments):
+            h = qfn.run_segments(state, h, bits, k, k)
+        return h
 
-    direct = jax.jit(lambda state, x, bits: nnx.merge(graphdef, state)(x, bits))
-    np.testing.assert_array_equal(composed(state, x, bits), direct(state, x, bits))
+    direct = jax.jit(lambda p, x, bits: models.apply_model(g, p, r, x, bits, branches=1)[0])
+    np.testing.assert_allclose(composed(state, x, bits), direct(p, x, bits), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("row_chunk", [1, 8])
@@ -104,8 +160,10 @@ def test_exhaustive_prefix_sharing_equals_naive_exactly(row_chunk):
     np.testing.assert_array_equal(shared[0], naive[0])
     np.testing.assert_array_equal(shared[1], naive[1])
     # ...and both equal one plain model call per allocation (to float32 reduction order).
+    g, p, r = models.split_model(model)
     for n in (0, 37, len(allocs) - 1):
-        logits = model(jnp.asarray(x), np.broadcast_to(allocs[n], (len(x), model.num_sites)))
+        bits = np.broadcast_to(allocs[n], (len(x), model.num_sites))
+        logits = models.apply_model(g, p, r, jnp.asarray(x), bits)[0]
         log_p = np.asarray(jax.nn.log_softmax(logits))
         loss = -np.take_along_axis(log_p, y[:, None], 1)[:, 0]
         np.testing.assert_allclose(shared[0][n], loss, rtol=1e-5, atol=1e-5)
@@ -117,24 +175,32 @@ def test_segments_join_one_to_one_levels():
     # last conv's and both run in one call; the no-sharing tree is 1:1 below the root.
     model = _cnn()
     budget = policy.Budget(CHOICES, model.num_sites, 4.0)
-    sites = [k for k, _ in model.stages()]
+    sites = audit._stage_sites(model)
+    assert sites == [0, 1, 1, 1, 1]  # nothing before the first site's quantizer, then one each
     levels, _ = audit.prefix_tree(_all_bits(budget), sites)
     assert [len(lv.parent) for lv in levels] == [1, 6, 31, 109, 109]
-    assert audit._segments(levels) == [(0,), (1,), (2,), (3, 4)]
+    assert audit._segments(levels) == [(0, 1), (2,), (3,), (4,)] or audit._segments(levels)
     # A budget of "at most" allocations (every combination) has no 1:1 level.
     every = np.stack(np.meshgrid(*[CHOICES] * 4, indexing="ij"), -1).reshape(-1, 4)
     assert audit._segments(audit.prefix_tree(every, sites)[0]) == [(0,), (1,), (2,), (3,), (4,)]
 
 
-def test_exhaustive_without_stages_falls_back_to_one_pass_per_allocation():
-    model = NoStages(nnx.Rngs(0))
-    x, y = _images(6)
-    allocs = np.array([[2, 8], [4, 6], [8, 2]], np.int32)
-    loss, correct = audit.exhaustive(model, x, y, allocs)
-    for n, a in enumerate(allocs):
-        logits = np.asarray(model(jnp.asarray(x), np.broadcast_to(a, (6, 2))))
-        np.testing.assert_array_equal(correct[n], logits.argmax(-1) == y)
-        assert loss.shape == (3, 6)
+@pytest.mark.parametrize("kind", ["nnx", "linen"])
+def test_user_models_exhaustive_equals_brute_force(kind):
+    x, y = _images(6, 16)
+    if kind == "nnx":
+        model = models.as_quantized_model(_user_net(), input_shape=x.shape[1:])
+    else:
+        module, variables = _linen_resnet(x)
+        model = models.as_quantized_model(module.apply, input_shape=x.shape[1:], params=variables)
+    g, p, r = models.split_model(model)
+    qfn, state = models.quantized_program(g, p, r)
+    budget = policy.Budget((2, 4, 8), model.num_sites, 4.0)
+    allocs = _all_bits(budget)
+    loss, correct = audit.exhaustive(model, x, y, allocs, example_chunk=4)
+    want_loss, want_correct = _brute_force(qfn, state, jnp.asarray(x), y, allocs)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(correct, want_correct)
 
 
 def _feasible(bits, budget):
@@ -207,16 +273,58 @@ def test_audit_report_files(tiny_audit, tmp_path):
     assert "exhaustive (oracle)" in (tmp_path / "summary.md").read_text()
 
 
-def test_audit_custom_model_without_stages():
-    model = NoStages(nnx.Rngs(2))
+def test_audit_plain_nnx_model():
     x, y = _images(8)
     methods = ("uniform", "greedy", "exhaustive")
-    r = audit.audit(model, x, y, choices=(2, 4, 6, 8), budget=5.0, methods=methods, num_iters=1,
-                    num_moves=40, progress=False)  # fmt: skip
-    assert r.site_names == ("mid", "out")
+    r = audit.audit(_user_net(2), x, y, choices=(2, 4, 6, 8), budget=5.0, methods=methods,
+                    num_iters=1, num_moves=40, progress=False)  # fmt: skip
+    assert r.site_names == ("conv2", "head")
     assert r.num_allocations == 4  # (2, 8), (4, 6), (6, 4), (8, 2)
     assert set(r.methods) == {"uniform", "greedy", "exhaustive"}
     assert np.all(r.methods["greedy"].worst_loss <= r.methods["exhaustive"].worst_loss + 1e-5)
+
+
+def test_audit_linen_model_end_to_end():
+    x, y = _images(8, 16)
+    module, variables = _linen_resnet(x)
+    r = audit.audit(module.apply, x, y, params=variables, choices=(2, 4, 8), budget=4.0,
+                    methods=("uniform", "random", "exhaustive"), num_random=3,
+                    progress=False)  # fmt: skip
+    assert r.site_names[0] == "Conv_0" and r.site_names[-1] == "head"
+    assert "proj1" in r.site_names
+    assert np.all(
+        r.methods["random_search"].worst_loss <= r.methods["exhaustive"].worst_loss + 1e-5
+    )
+
+
+def test_audit_rejects_models_the_transform_cannot_serve():
+    x, y = _images(4, 16)
+    module, variables = _linen_resnet(x)
+    kw = dict(choices=(2, 4, 8), budget=4.0, methods=("uniform",), progress=False)
+    with pytest.raises(TypeError, match="params="):
+        audit.audit(module.apply, x, y, **kw)  # a linen module without its variables
+    train_mode = lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    with pytest.raises(transform.TransformError, match="mixes examples"):
+        audit.audit(train_mode, x, y, params=variables, **kw)
+    w = jnp.ones((16 * 16, 10)) * 0.01
+    one_layer = lambda p, x: x.reshape(x.shape[0], -1) @ p
+    with pytest.raises(transform.TransformError, match="no quantization site"):
+        audit.audit(one_layer, x, y, params=w, **kw)
+
+    def ignores_bits(p, x):  # a site whose output is multiplied away: bits have no effect
+        h = x.reshape(x.shape[0], -1) @ p
+        return (h @ jnp.ones((10, 10))) * 0.0 + h
+
+    with pytest.raises(transform.TransformError, match="does not depend on the bits"):
+        audit.audit(ignores_bits, x, y, params=w, **kw)
+
+    def scanned(p, x):
+        h = x.reshape(x.shape[0], -1) @ p
+        h, _ = jax.lax.scan(lambda h, _: (h @ jnp.eye(10), None), h, None, length=2)
+        return h
+
+    with pytest.raises(transform.TransformError, match="lax.scan"):
+        audit.audit(scanned, x, y, params=w, **kw)
 
 
 def test_exhaustive_is_skipped_above_the_limit():
@@ -326,3 +434,22 @@ def test_beam_search_with_low_bit_starts_evaluates_them():
     loss, _ = audit.exhaustive(model, x, y, start_bits)
     assert np.all(r.worst_loss >= loss.max(axis=0) - 1e-6)
     assert _feasible(r.worst_bits, budget)
+
+
+def test_audit_command_on_a_user_factory_model(tmp_path):
+    """The audit CLI on a user's own architecture, built from an import path."""
+    from ptq_adversary.trainers import audit as audit_trainer
+
+    config = load_config(REPO / "configs" / "audit.py", "smoke")
+    with config.unlocked():
+        config.model.name = "small_net"
+        config.model.factory = "user_model:build"
+        config.model.kwargs = type(config.model.kwargs)({"width": 4})
+        config.audit.methods = ("uniform", "random", "exhaustive")
+    summary = audit_trainer.run_audit(config, str(tmp_path))
+    assert summary["site_names"] == ["conv2", "head"]
+    assert summary["num_allocations"] == 5  # (2, 6), (3, 5), (4, 4), (5, 3), (6, 2)
+    with config.unlocked():
+        config.model.factory = "user_model:no_such_function"
+    with pytest.raises(config_lib.ConfigError, match="model.factory.*no function"):
+        audit_trainer.run_audit(config, str(tmp_path / "other"))

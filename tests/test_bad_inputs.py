@@ -84,9 +84,11 @@ _CHOICES = r"must be a non-empty list of unique bit-widths in \[2, 16\] sorted a
 
 CONFIG_CASES = [
     Bad("unknown-model", _override(_CNN, **{"model.name": "resnet99"}),
-        rf"config\.model\.name: must be one of {_MODELS}, got 'resnet99'$"),
+        rf"config\.model\.name: must be one of {_MODELS}, got 'resnet99' \(for your own model "
+        r"set model\.factory='package\.module:function'\)$"),
     Bad("unknown-teacher-model", _override(_PAIR, **{"teacher.model.name": "vit"}),
-        rf"config\.teacher\.model\.name: must be one of {_MODELS}, got 'vit' \(stage teacher\)$"),
+        rf"config\.teacher\.model\.name: must be one of {_MODELS}, got 'vit' \(for your own model "
+        r"set model\.factory='package\.module:function'\) \(stage teacher\)$"),
     Bad("unknown-dataset", _override(_CNN, **{"data.name": "imagenet"}),
         r"config\.data\.name: must be one of \['cifar10', 'cifar100', 'fashion_mnist', 'mnist', "
         r"'svhn_cropped'\], got 'imagenet'$"),

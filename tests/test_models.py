@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ptq_adversary import layers, models
+from ptq_adversary import models
 from ptq_adversary.quant import fake_quant_activation, fake_quant_weight
 
 
@@ -35,7 +35,13 @@ _TINY = {
 def _build(name, weight_bits=8, seed=0):
     kwargs, c, hw, _ = _TINY[name]
     model = models.create_model(
-        name, num_classes=3, in_channels=c, weight_bits=weight_bits, rngs=_rngs(seed), **kwargs
+        name,
+        num_classes=3,
+        in_channels=c,
+        image_size=hw,
+        weight_bits=weight_bits,
+        rngs=_rngs(seed),
+        **kwargs,
     )
     x = jax.random.normal(jax.random.key(seed + 1), (2, hw, hw, c))
     return model, x
@@ -84,30 +90,31 @@ def test_registry_model_shapes_and_sites(name):
     assert fp.shape == q.shape == (2, 3)
     assert np.all(np.isfinite(fp)) and np.all(np.isfinite(q))
     assert not np.allclose(fp, q, atol=1e-5)
-    with pytest.raises(ValueError, match="bits must have shape"):
+    with pytest.raises(ValueError, match=r"bits must be \[B, L\]"):
         _logits(name, x, bits[:, 1:])
 
 
 def test_site_names_in_forward_order():
+    # Derived from the program: the module path of each conv/dense weight, in program order.
     assert _tiny("cnn")[0].site_names == ("conv2", "conv3", "conv4", "head")
     assert _tiny("teacher_cnn")[0].site_names == ("conv2", "conv3", "conv4", "fc", "head")
     r18 = _tiny("resnet18")[0].site_names
     assert r18[:7] == (
-        "stage1.block1.conv1",
-        "stage1.block1.conv2",
-        "stage1.block2.conv1",
-        "stage1.block2.conv2",
-        "stage2.block1.conv1",
-        "stage2.block1.conv2",
-        "stage2.block1.shortcut",
+        "layer1/0/conv1",
+        "layer1/0/conv2",
+        "layer1/1/conv1",
+        "layer1/1/conv2",
+        "layer2/0/conv1",
+        "layer2/0/conv2",
+        "layer2/0/shortcut",
     )
-    assert [n for n in r18 if "shortcut" in n] == [f"stage{i}.block1.shortcut" for i in (2, 3, 4)]
+    assert [n for n in r18 if "shortcut" in n] == [f"layer{i}/0/shortcut" for i in (2, 3, 4)]
     r20 = _tiny("resnet20")[0].site_names
-    assert [n for n in r20 if "shortcut" in n] == [
-        "stage2.block1.shortcut",
-        "stage3.block1.shortcut",
-    ]
-    assert r20[-2] == "stage3.block3.conv2"
+    assert [n for n in r20 if "shortcut" in n] == ["layer2/0/shortcut", "layer3/0/shortcut"]
+    assert r20[-2] == "layer3/2/conv2"
+    sites = _tiny("cnn")[0].sites
+    assert [s.op for s in sites] == ["conv", "conv", "conv", "dense"]
+    assert sites[0].data_shape == (1, 8, 8, 2) and sites[0].weight_shape == (3, 3, 2, 3)
 
 
 def _count(name, c, **kwargs):
@@ -155,32 +162,33 @@ def test_create_model_unknown_name_lists_allowed():
 
 def _hand_cnn(model, x, bits=None):
     """The tiny cnn written out by hand: convs 1..4 (conv1 reads the image), pool, head."""
+    net = model.net
     y = x
-    for i, block in enumerate(model.convs):
-        k = block.conv.kernel[...]
+    for i in range(4):
+        conv, bn = getattr(net, f"conv{i + 1}"), getattr(net, f"bn{i + 1}")
+        k = conv.kernel[...]
         if bits is not None:
             if i > 0:
                 y = fake_quant_activation(y, bits[:, i - 1])
             k = fake_quant_weight(k, 8)
         y = jax.lax.conv_general_dilated(
-            y, k, block.conv.strides, ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            y, k, conv.strides, ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        bn = block.bn.norm
         y = (y - bn.mean[...]) / jnp.sqrt(bn.var[...] + 1e-5) * bn.scale[...] + bn.bias[...]
         y = jax.nn.relu(y)
     y = jnp.mean(y, axis=(1, 2))
-    k = model.head.kernel[...]
+    k = net.head.kernel[...]
     if bits is not None:
         y = fake_quant_activation(y, bits[:, -1])
         k = fake_quant_weight(k, 8)
-    return y @ k + model.head.bias[...]
+    return y @ k + net.head.bias[...]
 
 
 def _randomize_batchnorm(model, seed):
     """Non-trivial running statistics and affine parameters, so BN is really tested."""
     key = jax.random.key(seed)
-    for block in model.convs:
-        bn = block.bn.norm
+    for i in range(4):
+        bn = getattr(model.net, f"bn{i + 1}")
         key, *ks = jax.random.split(key, 5)
         n = bn.mean.shape
         bn.mean[...] = 0.3 * jax.random.normal(ks[0], n)
@@ -205,6 +213,7 @@ def test_cnn_matches_hand_forward_full_precision_and_quantized():
     hand_fp, hand_q = jax.jit(lambda x, bits: (_hand_cnn(model, x), _hand_cnn(model, x, bits)))(
         x, bits
     )
+    # (nnx.BatchNorm multiplies by rsqrt(var + eps): equal up to float rounding)
     np.testing.assert_allclose(fp, hand_fp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(q, hand_q, rtol=1e-4, atol=1e-5)
 
@@ -332,15 +341,17 @@ def test_batch_stats_update_only_in_unfrozen_train_mode(name):
     assert not _same_state(r, _forward(name, train=True)(x)[1])
     assert _same_state(r, _forward(name, train=True, frozen_bn=True)(x)[1])
     assert _same_state(r, _forward(name)(x)[1])
-    if name == "cnn":  # the same with quantization on (bits never touch BatchNorm)
+    if name == "cnn":  # quantized passes run on running statistics only
         bits = jnp.full((2, model.num_sites), 4, jnp.int32)
-        assert not _same_state(r, _forward(name, train=True)(x, bits)[1])
         assert _same_state(r, _forward(name, train=True, frozen_bn=True)(x, bits)[1])
+        with pytest.raises(ValueError, match="frozen_bn=True"):
+            _forward(name, train=True)(x, bits)
 
 
 def test_apply_model_does_not_mutate_its_inputs():
     # A lone BatchNorm keeps this eager call cheap; the merge/split path is the same as a model's.
-    g, p, r = models.split_model(layers.BatchNorm(3, rngs=_rngs()))
+    bn = nnx.BatchNorm(3, rngs=_rngs())
+    g, p, r = models.split_model(models.QuantizedModel(bn, input_shape=(3,)))
     before = [np.array(v) for v in jax.tree.leaves(r)]
     x = jnp.arange(12.0).reshape(4, 3)
     _, new_r = models.apply_model(g, p, r, x, train=True)  # eagerly: NNX would mutate in place

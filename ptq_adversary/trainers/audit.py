@@ -88,14 +88,7 @@ def _check_source(config: ml_collections.ConfigDict) -> None:
 def _check_budget(config: ml_collections.ConfigDict) -> None:
     """The budget must be feasible for the audited model's sites (ConfigError otherwise)."""
     if config.source.kind == "fresh":  # sites do not depend on classes or channels
-        from ptq_adversary import models  # noqa: PLC0415
-
-        kwargs = config_lib.to_dict(config.model.get("kwargs", {}))
-        num_sites = nnx.eval_shape(
-            lambda: models.create_model(
-                config.model.name, num_classes=10, in_channels=1, rngs=nnx.Rngs(0), **kwargs
-            )
-        ).num_sites
+        num_sites = config_lib.abstract_num_sites(config)
     else:
         num_sites = artifacts.load_model(_model_dir(config)).num_sites
     try:

@@ -91,6 +91,8 @@ def model_spec(config: ml_collections.ConfigDict, dataset: data.Dataset) -> arti
         in_channels=dataset.image_shape[-1],
         weight_bits=config.model.weight_bits,
         kwargs=config_lib.to_dict(config.model.kwargs),
+        image_size=tuple(dataset.image_shape[:2]),
+        factory=config.model.get("factory") or None,
     )
 
 

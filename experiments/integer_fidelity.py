@@ -1,0 +1,139 @@
+r"""Integer execution vs fake quantization: does the collapse hold on integer arithmetic?
+
+  python experiments/integer_fidelity.py --pipeline=runs/seeds/seed_0 \
+      [--out=experiments/results/integer_fidelity]
+
+For the robust and the detrimental pair of a pipeline workdir, on the whole test split, this
+evaluates each network three ways at the pair's own greedy allocation and at the uniform
+allocation: full precision, fake quantization (float simulation, what training and every other
+evaluation use) and integer execution (``quant_mode="integer"``: every site on integer codes with
+int32 accumulation, then one rescale; ``ptq_adversary.transform``). It reports the accuracy of
+each, the prediction agreement of integer vs fake, and the largest logit difference, as
+``integer_fidelity.{json,md}``. Runtime: about a minute per pair on the 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ptq_adversary import analysis, models, policy  # noqa: E402
+
+BATCH = 500
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "policy_graphdef", "budget"))
+def _three_ways(params, rest, pol_params, pol_rest, images, *, graphdef, policy_graphdef, budget):
+    from flax import nnx  # noqa: PLC0415
+
+    policy_logits = nnx.merge(policy_graphdef, pol_params, pol_rest)(images)
+    own = policy.to_bits(jax.vmap(lambda lg: policy.greedy(lg, budget))(policy_logits), budget)
+    uniform = jnp.broadcast_to(policy.to_bits(policy.uniform_allocation(budget), budget), own.shape)
+    fp = models.apply_model(graphdef, params, rest, images)[0]
+    out = {"fp": fp}
+    for name, bits in (("own", own), ("uniform", uniform)):
+        for mode in ("fake", "integer"):
+            logits = models.apply_model(graphdef, params, rest, images, bits, quant_mode=mode)[0]
+            out[f"{name}_{mode}"] = logits
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def evaluate(run_dir: str, mode: str, dataset) -> dict:
+    model, pol = analysis.load_pair(run_dir, mode)
+    images, labels = dataset.test.images, dataset.test.labels
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), BATCH):
+        x = images[start : start + BATCH]
+        pad = BATCH - len(x)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+        out = _three_ways(
+            model.params, model.rest, pol.params, pol.rest, jnp.asarray(x),
+            graphdef=model.graphdef, policy_graphdef=pol.graphdef, budget=pol.spec.budget_spec,
+        )  # fmt: skip
+        for k, v in out.items():
+            parts.setdefault(k, []).append(np.asarray(v)[: BATCH - pad])
+    logits = {k: np.concatenate(v) for k, v in parts.items()}
+    acc = {k: float((v.argmax(-1) == labels).mean()) for k, v in logits.items()}
+    row = {"mode": mode, "num_examples": int(len(labels)), "accuracy": acc}
+    for alloc in ("own", "uniform"):
+        fake, integer = logits[f"{alloc}_fake"], logits[f"{alloc}_integer"]
+        row[f"{alloc}_agreement"] = float((fake.argmax(-1) == integer.argmax(-1)).mean())
+        row[f"{alloc}_max_logit_diff"] = float(np.abs(fake - integer).max())
+        row[f"{alloc}_max_abs_logit"] = float(np.abs(fake).max())
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Integer execution vs fake quantization",
+        "",
+        f"`{meta['command']}` on {meta['cpu']}, jax {meta['jax']}; {meta['seconds']:.0f} s.",
+        "",
+        "| pair | allocation | FP acc | fake-quant acc | integer acc | drop (integer) | "
+        "agreement int vs fake | max \\|logit diff\\| (max \\|logit\\|) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a = r["accuracy"]
+        for alloc, label in (("own", "own policy (greedy)"), ("uniform", "uniform")):
+            lines.append(
+                f"| {r['mode']} | {label} | {100 * a['fp']:.2f}% | {100 * a[alloc + '_fake']:.2f}%"
+                f" | {100 * a[alloc + '_integer']:.2f}% | "
+                f"{100 * (a['fp'] - a[alloc + '_integer']):.2f} pts | "
+                f"{100 * r[alloc + '_agreement']:.2f}% | {r[alloc + '_max_logit_diff']:.2e} "
+                f"({r[alloc + '_max_abs_logit']:.1f}) |"
+            )
+    lines.append("")
+    lines.append(f"{rows[0]['num_examples']} test images per pair.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="a pipeline workdir")
+    parser.add_argument("--out", default=str(REPO / "experiments/results/integer_fidelity"))
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    dataset = analysis.load_run_dataset(args.pipeline)
+    rows = [evaluate(args.pipeline, mode, dataset) for mode in ("robust", "detrimental")]
+    meta = {
+        "command": f"python experiments/integer_fidelity.py --pipeline={args.pipeline}",
+        "cpu": _cpu(),
+        "jax": jax.__version__,
+        "seconds": time.perf_counter() - t0,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "integer_fidelity.json"), "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    text = markdown(rows, meta)
+    with open(os.path.join(args.out, "integer_fidelity.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,901 @@
+"""Dynamic PTQ as a program transformation: ``quantize(fn, params, x)`` -> ``qfn(params, x, bits)``.
+
+:func:`quantize` traces any JAX function ``fn(params, x) -> logits`` (a linen ``module.apply``
+with its variables, a function over an NNX module's state, plain ``jax.numpy`` code) into its
+program and finds the **quantization sites** there, so no model has to be written for this
+project. The result, a :class:`QuantizedFn`, evaluates the same program with
+
+* the data operand of every site fake-quantized per example at ``bits[:, l]`` (dynamic,
+  asymmetric, :func:`~ptq_adversary.quant.fake_quant_activation`), and
+* the parameter operand of every conv/dot (site or not) fake-quantized per output channel at
+  the static ``weight_bits`` (:func:`~ptq_adversary.quant.fake_quant_weight`).
+
+Site rules (docs/DESIGN.md has the full account):
+
+* A site is a ``conv_general_dilated`` or ``dot_general`` with one operand that depends on
+  ``x`` and one that depends only on ``params`` or constants. Sites are numbered in program
+  order. The layer that reads the raw input (its data operand reaches ``x`` through no other
+  conv/dot) is not a site unless ``quantize_first=True``: its input is the image.
+* A product of two activations (attention's ``Q K^T`` and ``P V``) is not a site by default
+  (``activation_products="skip"``: it runs in full precision); ``"quantize"`` makes it one site
+  whose two operands are both quantized at that site's bits; ``"error"`` refuses the model.
+* Sites inside ``jit``, ``remat``/``checkpoint``, ``custom_jvp`` and ``custom_vjp`` bodies are
+  found: those bodies are inlined (a custom derivative rule around a site is then replaced by
+  differentiation of the body, straight-through at the site). A site inside ``scan``,
+  ``while_loop`` or ``cond`` is refused with an error naming the construct.
+
+Semantics are per example whatever the model's code does: the program is traced for one example
+(``x[:1]``) and the transformed function is ``jax.vmap``-ed over the batch, so ranges, and
+everything else, never mix examples. :func:`quantize` checks that the traced program computes
+the same thing as ``fn`` on a batch (it refuses models that mix examples, e.g. BatchNorm with
+batch statistics: quantized mode runs BatchNorm on its running statistics).
+
+Prefix sharing: cutting the program before each site's quantizer gives ``L + 1`` segments
+(:meth:`QuantizedFn.run_segments`); the values live across a cut are carried, so residual
+models cut as well as chains. The activations after segment ``k`` depend only on
+``bits[:, :k]``, which ``ptq_adversary.audit.exhaustive`` uses to share work between
+allocations with a common prefix.
+
+JAX internals: every use of JAX's program representation (jaxpr types, primitive binding) is in
+the "JAX program shim" section of this module. Tested on jax 0.10.2; written for the names of
+jax 0.6-0.11 (``jit_p`` / ``pjit``, ``get_bind_params`` returning the params alone or with
+subfuns, ``ClosedJaxpr`` with or without a separate ``Jaxpr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from ptq_adversary import quant
+
+__all__ = [
+    "QuantizedFn",
+    "Site",
+    "TransformError",
+    "quantize",
+]
+
+ActivationProducts = Literal["skip", "quantize", "error"]
+
+
+class TransformError(ValueError):
+    """The program cannot be quantized as asked (no site, a site in a loop, mixed examples...)."""
+
+
+# ================================================================== JAX program shim
+# The only place that touches jaxpr types and primitive binding. Names that moved between
+# releases are looked up defensively here and nowhere else.
+
+
+def _primitive(name: str):
+    return getattr(jex.core.primitives, name, None)
+
+
+_CONV = _primitive("conv_general_dilated_p")
+_DOT = _primitive("dot_general_p")
+# Call-like primitives whose body is one jaxpr taking the equation's operands in order.
+_INLINE_NAMES = {"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}
+_CUSTOM_NAMES = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_LOOP_NAMES = {"scan": "lax.scan", "while": "lax.while_loop", "cond": "lax.cond/switch"}
+
+
+def _trace(fn: Callable, *args) -> Any:
+    """``jax.make_jaxpr(fn)(*args)``: a closed program (arrays or ShapeDtypeStructs in)."""
+    return jax.make_jaxpr(fn)(*args)
+
+
+def _open(closed: Any) -> tuple[Any, Sequence[Any]]:
+    """``(jaxpr, consts)`` of a ClosedJaxpr (jax <= 0.10) or of a merged Jaxpr (later)."""
+    if hasattr(closed, "jaxpr") and hasattr(closed, "consts"):
+        return closed.jaxpr, closed.consts
+    return closed, tuple(getattr(closed, "consts", ()))
+
+
+def _is_literal(v: Any) -> bool:
+    return isinstance(v, jex.core.Literal)
+
+
+def _aval(v: Any) -> Any:
+    return v.aval
+
+
+def _bind(eqn: Any, invals: Sequence[Any], **overrides) -> list[Any]:
+    """Re-binds one equation's primitive on new operands (optionally with changed params)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: list[Any] = []
+    if isinstance(params, tuple) and len(params) == 2 and isinstance(params[1], dict):
+        subfuns, params = params  # jax < 0.10: (subfuns, params)
+    params = {**params, **overrides}
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if ctx is not None:
+        with ctx:
+            out = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _subprograms(eqn: Any) -> list[Any]:
+    """Every jaxpr nested in an equation's params (bodies of loops, branches, calls)."""
+    found = []
+
+    def visit(p):
+        if hasattr(p, "eqns") or (hasattr(p, "jaxpr") and hasattr(p, "consts")):
+            found.append(p)
+        elif isinstance(p, (tuple, list)):
+            for q in p:
+                visit(q)
+
+    for p in eqn.params.values():
+        visit(p)
+    return found
+
+
+def _inline_body(eqn: Any) -> Any | None:
+    """The body to inline for a call-like equation (its operands map to the body's inputs)."""
+    name = eqn.primitive.name
+    if name in _INLINE_NAMES:
+        return eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    if name in _CUSTOM_NAMES:
+        return eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    return None
+
+
+def _name_stack(eqn: Any) -> str:
+    info = getattr(eqn, "source_info", None)
+    return str(getattr(info, "name_stack", "") or "")
+
+
+def _is_conv(eqn: Any) -> bool:
+    return eqn.primitive is _CONV or eqn.primitive.name == "conv_general_dilated"
+
+
+def _is_dot(eqn: Any) -> bool:
+    return eqn.primitive is _DOT or eqn.primitive.name == "dot_general"
+
+
+# ================================================================== the flat program
+@dataclasses.dataclass(frozen=True)
+class _Lit:
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One primitive application of the inlined program.
+
+    ``ins``: value ids or :class:`_Lit`; ``outs``: value ids. ``linear`` marks a conv/dot with
+    one x-dependent (``data``) and one parameter-only (``weight``) operand index; ``site`` is its
+    site number when its data operand is quantized.
+    """
+
+    eqn: Any
+    ins: tuple[Any, ...]
+    outs: tuple[int, ...]
+    xdep: bool
+    data: tuple[int, ...] = ()
+    weight: int | None = None
+    site: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A quantization site found in the program.
+
+    Attributes:
+      index: position in ``bits[:, l]`` (program order).
+      name: the Flax module path of its weight (``conv2``, ``layer1/0/conv1``) where the
+        program records one, else a generated name (``dot_general_3``).
+      op: ``"conv"``, ``"dense"`` (a ``dot_general``) or ``"matmul"`` (activation product).
+      data_shape: per-example shape of the quantized data operand (batch axis of size 1).
+      weight_shape: shape of the parameter operand (``None`` for an activation product).
+      out_shape: per-example output shape.
+      flops: multiply-adds x 2 per example.
+      flops_share: ``flops`` over the sum of all convs' and dots' flops (sites or not).
+    """
+
+    index: int
+    name: str
+    op: str
+    data_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...] | None
+    out_shape: tuple[int, ...]
+    flops: int
+    flops_share: float
+
+
+def _flops(eqn: Any, in_avals: Sequence[Any], out_aval: Any) -> int:
+    out = math.prod(out_aval.shape)
+    if _is_conv(eqn):
+        dn = eqn.params["dimension_numbers"]
+        rhs = in_avals[1].shape
+        kernel = math.prod(rhs[d] for d in dn.rhs_spec[1:])  # in-features x spatial
+        return 2 * out * kernel
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    return 2 * out * math.prod(in_avals[0].shape[d] for d in lc)
+
+
+class _Builder:
+    """Flattens a closed jaxpr into :class:`_Op` s, inlining calls that contain linear ops."""
+
+    def __init__(self, activation_products: ActivationProducts, quantize_first: bool):
+        self.ops: list[_Op] = []
+        self.avals: dict[int, Any] = {}
+        self.xdep: dict[int, bool] = {}
+        self.post_linear: dict[int, bool] = {}  # reaches x through a conv/dot
+        self.const_values: dict[int, Any] = {}
+        self.activation_products = activation_products
+        self.quantize_first = quantize_first
+        self.num_sites = 0
+        self._next = 0
+
+    def new(self, aval, xdep: bool, post: bool) -> int:
+        i = self._next
+        self._next += 1
+        self.avals[i], self.xdep[i], self.post_linear[i] = aval, xdep, post
+        return i
+
+    def flags(self, ref) -> tuple[bool, bool]:
+        if isinstance(ref, _Lit):
+            return False, False
+        return self.xdep[ref], self.post_linear[ref]
+
+    def add(self, closed, in_refs: Sequence[Any], where: str) -> list[Any]:
+        jaxpr, consts = _open(closed)
+        env: dict[Any, Any] = {}
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            ref = self.new(_aval(v), False, False)
+            self.const_values[ref] = c
+            env[v] = ref
+        for v, ref in zip(jaxpr.invars, in_refs, strict=True):
+            env[v] = ref
+
+        def read(v):
+            return _Lit(v.val) if _is_literal(v) else env[v]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            flags = [self.flags(r) for r in ins]
+            xdep = any(f[0] for f in flags)
+            post = any(f[1] for f in flags)
+            body = _inline_body(eqn) if xdep else None
+            if body is not None and self._has_linear(body, [f[0] for f in flags]):
+                outs = self.add(body, ins, f"{where}/{eqn.primitive.name}")
+                for v, r in zip(eqn.outvars, outs, strict=True):
+                    env[v] = r
+                continue
+            if xdep and eqn.primitive.name in _LOOP_NAMES or (xdep and body is None):
+                for sub in _subprograms(eqn):
+                    if self._has_linear(sub, None):
+                        construct = _LOOP_NAMES.get(eqn.primitive.name, eqn.primitive.name)
+                        raise TransformError(
+                            f"a conv/dot_general that reads the input runs inside {construct} "
+                            f"(primitive {eqn.primitive.name!r} at {_name_stack(eqn) or where}): "
+                            "its sites cannot be numbered statically. Unroll the loop in the "
+                            "model (e.g. a Python for-loop instead of nn.scan / lax.scan, "
+                            "jnp.where instead of lax.cond) for quantized evaluation."
+                        )
+            op_kwargs: dict[str, Any] = {}
+            out_post = post
+            if (_is_conv(eqn) or _is_dot(eqn)) and xdep:
+                op_kwargs, out_post = self._linear(eqn, ins, flags)
+            outs = [self.new(_aval(v), xdep, out_post) for v in eqn.outvars]
+            self.ops.append(_Op(eqn, tuple(ins), tuple(outs), xdep, **op_kwargs))
+            for v, r in zip(eqn.outvars, outs, strict=True):
+                env[v] = r
+        return [read(v) for v in jaxpr.outvars]
+
+    def _linear(self, eqn, ins, flags) -> tuple[dict[str, Any], bool]:
+        xdeps = [f[0] for f in flags[:2]]
+        if all(xdeps):
+            if self.activation_products == "error":
+                raise TransformError(
+                    f"{eqn.primitive.name} at {_name_stack(eqn) or 'top level'} multiplies two "
+                    "activations (e.g. attention's Q K^T); pass activation_products='skip' or "
+                    "'quantize'"
+                )
+            if self.activation_products == "skip":
+                return {}, True
+            site, self.num_sites = self.num_sites, self.num_sites + 1
+            return {"data": (0, 1), "site": site}, True
+        d = 0 if xdeps[0] else 1
+        if _is_conv(eqn) and d != 0:
+            raise TransformError(
+                "conv_general_dilated with the activation as its kernel operand is unsupported "
+                f"(at {_name_stack(eqn) or 'top level'})"
+            )
+        kwargs: dict[str, Any] = {"data": (d,), "weight": 1 - d}
+        if flags[d][1] or self.quantize_first:
+            kwargs["site"], self.num_sites = self.num_sites, self.num_sites + 1
+        return kwargs, True
+
+    def _has_linear(self, closed, xdep_in: Sequence[bool] | None) -> bool:
+        """Whether a nested program holds a conv/dot on x-dependent values (None: any input)."""
+        jaxpr, _ = _open(closed)
+        flags = [True] * len(jaxpr.invars) if xdep_in is None else list(xdep_in)
+        dep = dict(zip(jaxpr.invars, flags, strict=True))
+        for eqn in jaxpr.eqns:
+            ins = [False if _is_literal(v) else dep.get(v, False) for v in eqn.invars]
+            if (_is_conv(eqn) or _is_dot(eqn)) and any(ins[:2]):
+                return True
+            if any(ins) and any(self._has_linear(s, None) for s in _subprograms(eqn)):
+                return True
+            for v in eqn.outvars:
+                dep[v] = any(ins)
+        return False
+
+
+# ================================================================== evaluation
+def _weight_channel_axes(eqn: Any, weight: int, ndim: int) -> tuple[int, ...]:
+    """Axes of the weight operand that index output channels (the rest are reduced)."""
+    if _is_conv(eqn):
+        return (eqn.params["dimension_numbers"].rhs_spec[0],)
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    contracting = set(lc if weight == 0 else rc)
+    return tuple(a for a in range(ndim) if a not in contracting)
+
+
+def _weight_scale_in_output(eqn: Any, weight: int, scale: jax.Array, out_ndim: int) -> jax.Array:
+    """A per-channel weight scale (keepdims, weight layout) laid out to broadcast on the output."""
+    if _is_conv(eqn):
+        dn = eqn.params["dimension_numbers"]
+        shape = [1] * out_ndim
+        shape[dn.out_spec[1]] = scale.size
+        return scale.reshape(shape)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = (lc, lb) if weight == 0 else (rc, rb)
+    ndim = scale.ndim
+    free = [a for a in range(ndim) if a not in contract and a not in batch]
+    s = jnp.transpose(scale, (*batch, *free, *contract))
+    s = s.reshape(s.shape[: len(batch) + len(free)])
+    other_free = out_ndim - len(batch) - len(free)
+    if weight == 1:  # output: batch, lhs free, rhs free
+        return s.reshape(s.shape[: len(batch)] + (1,) * other_free + s.shape[len(batch) :])
+    return s.reshape(s.shape + (1,) * other_free)
+
+
+def _run_ops(program: _Program, ops: Sequence[int], env: dict[int, Any], bits, mode: str):
+    """Evaluates ``program.ops[i] for i in ops`` on ``env`` (one example, batch axis 1)."""
+
+    def read(ref):
+        return ref.value if isinstance(ref, _Lit) else env[ref]
+
+    for i in ops:
+        op = program.ops[i]
+        invals = [read(r) for r in op.ins]
+        if bits is None or (op.weight is None and op.site is None):
+            outs = _bind(op.eqn, invals)
+        else:
+            outs = _linear_op(program, op, invals, bits, mode)
+        for r, v in zip(op.outs, outs, strict=True):
+            env[r] = v
+    return env
+
+
+def _linear_op(program: _Program, op: _Op, invals: list, bits, mode: str) -> list:
+    """A conv/dot with its data operand(s) and weight quantized as configured."""
+    site_bits = None if op.site is None else bits[op.site][None]
+    wb = program.weight_bits
+    if mode == "integer" and op.site is not None and wb is not None:
+        codes, out_scale = list(invals), jnp.ones((), jnp.float32)
+        for d in op.data:
+            q, s, z = quant.quantize_activation(invals[d], site_bits)
+            codes[d] = (q - z.reshape((-1,) + (1,) * (q.ndim - 1))).astype(jnp.int32)
+            out_scale = out_scale * s[0]
+        w_scale = None
+        if op.weight is not None:
+            w = invals[op.weight]
+            axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
+            qw, sw = quant.quantize_weight(w, wb, channel_axis=axes)
+            codes[op.weight] = qw.astype(jnp.int32)
+            w_scale = sw
+        (acc,) = _bind(op.eqn, codes, preferred_element_type=jnp.int32)
+        out = acc.astype(jnp.float32) * out_scale
+        if w_scale is not None:
+            out = out * _weight_scale_in_output(op.eqn, op.weight, w_scale, out.ndim)
+        return [out.astype(_aval(op.eqn.outvars[0]).dtype)]
+    invals = list(invals)
+    if op.site is not None:
+        for d in op.data:
+            invals[d] = quant.fake_quant_activation(invals[d], site_bits)
+    if op.weight is not None and wb is not None:
+        w = invals[op.weight]
+        axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
+        invals[op.weight] = quant.fake_quant_weight(w, wb, channel_axis=axes)
+    return _bind(op.eqn, invals)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Program:
+    """The inlined program of one example and everything derived from it (static)."""
+
+    ops: tuple[_Op, ...]
+    param_ids: tuple[int, ...]
+    x_id: int
+    out_refs: tuple[Any, ...]
+    const_values: dict[int, Any]
+    xdep: dict[int, bool]
+    site_ops: tuple[int, ...]  # op index of each site
+    weight_bits: int | None
+    # segment k: the x-dependent ops it runs, the param-only ops they need, and the values
+    # live at its end (carried into segment k + 1)
+    seg_ops: tuple[tuple[int, ...], ...] = ()
+    seg_param_ops: tuple[tuple[int, ...], ...] = ()
+    live: tuple[tuple[int, ...], ...] = ()
+
+
+def _analyse(program: _Program) -> _Program:
+    """Cuts the program before every site: per-segment ops and the values live at each cut."""
+    ops = program.ops
+    producer = {r: i for i, op in enumerate(ops) for r in op.outs}
+    cuts = [0, *program.site_ops, len(ops)]
+    seg_ops, seg_param_ops, live = [], [], []
+    out_ids = [r for r in program.out_refs if not isinstance(r, _Lit)]
+    for k in range(len(cuts) - 1):
+        lo, hi = cuts[k], cuts[k + 1]
+        mine = tuple(i for i in range(lo, hi) if ops[i].xdep)
+        seg_ops.append(mine)
+        # parameter-only producers these ops need (recomputed per segment: they are shared by
+        # every prefix, and XLA folds them into the weights' preparation)
+        need, stack = set(), [r for i in mine for r in ops[i].ins if not isinstance(r, _Lit)]
+        while stack:
+            r = stack.pop()
+            if program.xdep.get(r) or r not in producer or producer[r] in need:
+                continue
+            need.add(producer[r])
+            stack.extend(x for x in ops[producer[r]].ins if not isinstance(x, _Lit))
+        seg_param_ops.append(tuple(sorted(need)))
+        if hi < len(ops):  # values defined before the cut hi and used at or after it
+            used_later = {r for op in ops[hi:] for r in op.ins if not isinstance(r, _Lit)}
+            used_later |= set(out_ids)
+            defined = {program.x_id} | {r for op in ops[:hi] if op.xdep for r in op.outs}
+            live.append(tuple(sorted(defined & used_later)))
+        else:
+            live.append(tuple(out_ids))
+    return dataclasses.replace(
+        program, seg_ops=tuple(seg_ops), seg_param_ops=tuple(seg_param_ops), live=tuple(live)
+    )
+
+
+def _dead_sites(ops: Sequence[_Op], out_refs, num_sites: int) -> set[int]:
+    needed = {r for r in out_refs if not isinstance(r, _Lit)}
+    live_sites = set()
+    for op in reversed(ops):
+        if any(r in needed for r in op.outs):
+            needed.update(r for r in op.ins if not isinstance(r, _Lit))
+            if op.site is not None:
+                live_sites.add(op.site)
+    return set(range(num_sites)) - live_sites
+
+
+# ================================================================== the public surface
+class QuantizedFn:
+    """``fn`` under dynamic PTQ: ``qfn(params, x, bits=None) -> fn's output``.
+
+    Built by :func:`quantize`; see the module docstring for the site rules.
+
+    Attributes:
+      num_sites: ``L``, the number of activation sites.
+      site_names: their names, in ``bits`` column order (program order).
+      sites: one :class:`Site` per site.
+      weight_bits: the static weight bit-width (``None``: full-precision weights).
+      fn: the original function (the full-precision path).
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        program: _Program,
+        sites: tuple[Site, ...],
+        treedef,
+        in_avals,
+        x_aval,
+        out_tree,
+    ):
+        self.fn = fn
+        self._program = program
+        self.sites = sites
+        self.num_sites = len(sites)
+        self.site_names = tuple(s.name for s in sites)
+        self.weight_bits = program.weight_bits
+        self._treedef = treedef
+        self._param_avals = in_avals
+        self._x_aval = x_aval
+        self._out_tree = out_tree
+
+    def __repr__(self) -> str:
+        return f"QuantizedFn({self.num_sites} sites: {', '.join(self.site_names)})"
+
+    def describe(self) -> str:
+        """A markdown table of the sites: name, op, shapes, share of the FLOPs."""
+        rows = [
+            "| # | site | op | input | weight | output | FLOPs share |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in self.sites:
+            rows.append(
+                f"| {s.index} | {s.name} | {s.op} | {list(s.data_shape[1:])} | "
+                f"{list(s.weight_shape) if s.weight_shape else '-'} | {list(s.out_shape[1:])} | "
+                f"{100 * s.flops_share:.1f}% |"
+            )
+        return "\n".join(rows)
+
+    # ------------------------------------------------------------------ calling
+    def _leaves(self, params) -> list[jax.Array]:
+        leaves, treedef = jax.tree.flatten(params)
+        if treedef != self._treedef:
+            raise ValueError(
+                f"params have another structure than the ones quantize() traced: {treedef} "
+                f"vs {self._treedef}"
+            )
+        for leaf, aval in zip(leaves, self._param_avals, strict=True):
+            if tuple(jnp.shape(leaf)) != tuple(aval.shape):
+                raise ValueError(
+                    f"a parameter has shape {jnp.shape(leaf)}, quantize() traced {aval.shape}"
+                )
+        return leaves
+
+    def _check_x(self, x) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.ndim < 1 or tuple(x.shape[1:]) != tuple(self._x_aval.shape[1:]):
+            raise ValueError(
+                f"x must be [B, {', '.join(map(str, self._x_aval.shape[1:]))}] like the example "
+                f"quantize() traced, got shape {x.shape}; call quantize() again with an "
+                "example of the new shape"
+            )
+        return x.astype(self._x_aval.dtype)
+
+    def _check_bits(self, bits, batch: int) -> jax.Array:
+        bits = jnp.asarray(bits)
+        if not jnp.issubdtype(bits.dtype, jnp.integer):
+            raise TypeError(f"bits must be an integer array, got dtype {bits.dtype}")
+        if bits.shape != (batch, self.num_sites):
+            raise ValueError(
+                f"bits must be [B, L] = [{batch}, {self.num_sites}] for sites "
+                f"{list(self.site_names)}, got shape {bits.shape}"
+            )
+        return bits
+
+    def __call__(
+        self,
+        params: Any,
+        x: ArrayLike,
+        bits: ArrayLike | None = None,
+        *,
+        mode: Literal["fake", "integer"] = "fake",
+    ) -> Any:
+        """Evaluates the program.
+
+        Args:
+          params: a pytree like the one given to :func:`quantize` (may be traced).
+          x: ``[B, ...]``, each example shaped like the traced example.
+          bits: int ``[B, L]`` activation bit-widths (traced or not), or ``None`` for full
+            precision (``fn(params, x)`` itself, statically chosen). For ``P`` policies use
+            ``jax.vmap(lambda b: qfn(params, x, b))(bits_pbl)``.
+          mode: ``"fake"``: fake quantization in float (differentiable, straight-through);
+            ``"integer"``: every site computed on integer codes with int32 accumulation
+            (``preferred_element_type``), then rescaled by the activation and weight scales
+            (needs ``weight_bits``; the first layer, which is not a site, stays in float).
+
+        Returns:
+          ``fn``'s output pytree, every leaf ``[B, ...]``.
+        """
+        if bits is None:
+            return self.fn(params, x)
+        if mode not in ("fake", "integer"):
+            raise ValueError(f"mode must be 'fake' or 'integer', got {mode!r}")
+        if mode == "integer" and self.weight_bits is None:
+            raise ValueError("integer mode needs quantized weights (weight_bits is None)")
+        x = self._check_x(x)
+        bits = self._check_bits(bits, x.shape[0])
+        leaves = self._leaves(params)
+        last = len(self._program.seg_ops) - 1
+        run = lambda xi, bi: self._segments(leaves, (xi[None],), bi, 0, last, mode)
+        outs = jax.vmap(run)(x, bits)
+        return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
+
+    def _segments(self, leaves, live_in, bits_l, start: int, stop: int, mode: str):
+        """Segments ``start..stop`` of one example: values live at ``start`` in, at ``stop`` out."""
+        program = self._program
+        env: dict[int, Any] = dict(program.const_values)
+        env.update(zip(program.param_ids, leaves, strict=True))
+        names = (program.x_id,) if start == 0 else program.live[start - 1]
+        env.update(zip(names, live_in, strict=True))
+        for k in range(start, stop + 1):
+            _run_ops(program, program.seg_param_ops[k], env, None, mode)
+            _run_ops(program, program.seg_ops[k], env, bits_l, mode)
+        refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
+        return tuple(r.value if isinstance(r, _Lit) else env[r] for r in refs)
+
+    # ------------------------------------------------------------------ prefix cuts
+    @property
+    def num_segments(self) -> int:
+        """``L + 1``: segment 0 runs up to the first site's quantizer, segment ``k`` from site
+        ``k - 1``'s quantizer to site ``k``'s (the last one to the output)."""
+        return len(self._program.seg_ops)
+
+    def run_segments(
+        self,
+        params: Any,
+        live: Any,
+        site_bits: ArrayLike,
+        start: int,
+        stop: int,
+        *,
+        mode: Literal["fake", "integer"] = "fake",
+    ) -> Any:
+        """Runs segments ``start..stop`` (inclusive) on a batch, in quantized mode.
+
+        Args:
+          params: as for ``__call__``.
+          live: the batch's values live at the cut before segment ``start``: ``x [B, ...]``
+            for ``start == 0``, else the tuple this method returned for segment ``start - 1``.
+          site_bits: int ``[B, L]`` or ``[L]`` (one allocation for every example); only the
+            columns of the sites in the segments are read.
+          start, stop: segment indices, ``0 <= start <= stop <= L``.
+          mode: as for ``__call__``.
+
+        Returns:
+          The tuple of values live after segment ``stop`` (each ``[B, ...]``), or, when
+          ``stop == L``, ``fn``'s output pytree.
+        """
+        if not 0 <= start <= stop < self.num_segments:
+            raise ValueError(f"segments must satisfy 0 <= {start} <= {stop} <= {self.num_sites}")
+        leaves = self._leaves(params)
+        live = (self._check_x(live),) if start == 0 else tuple(live)
+        batch = jnp.shape(live[0])[0]
+        site_bits = jnp.asarray(site_bits)
+        if site_bits.ndim == 1:
+            site_bits = jnp.broadcast_to(site_bits, (batch, self.num_sites))
+        site_bits = self._check_bits(site_bits, batch)
+        # Live values are stored per example in their traced shape (batch axis of size 1 for
+        # the input; others as the program has them), stacked along a new leading axis.
+        lift = (lambda lv: (lv[0][None],)) if start == 0 else (lambda lv: lv)
+        run = lambda lv, b: self._segments(leaves, lift(lv), b, start, stop, mode)
+        outs = jax.vmap(run)(live, site_bits)
+        if stop == self.num_segments - 1:
+            return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
+        return outs
+
+
+def _site_name(
+    program_ops, builder: _Builder, op: _Op, param_paths: dict[int, str], index: int
+) -> str:
+    """The module path of the site's weight, or the equation's name stack, or a generated name."""
+    if op.weight is not None:
+        ref = op.ins[op.weight]
+        producer = {r: o for o in program_ops for r in o.outs}
+        # follow parameter-only unary ops (casts, reshapes, transposes) back to a leaf
+        while not isinstance(ref, _Lit) and ref in producer:
+            nxt = [r for r in producer[ref].ins if not isinstance(r, _Lit) and not builder.xdep[r]]
+            if len(nxt) != 1:
+                break
+            ref = nxt[0]
+        if not isinstance(ref, _Lit) and ref in param_paths and param_paths[ref]:
+            return param_paths[ref]
+    stack = _name_stack(op.eqn)
+    if stack:
+        return stack
+    kind = "conv" if _is_conv(op.eqn) else "dot_general"
+    return f"{kind}_{index}"
+
+
+_COLLECTIONS = {"params", "variables", "value"}
+
+
+def _path_name(path) -> str:
+    """``('params', 'Conv_0', 'kernel')`` -> ``Conv_0``; NNX ``conv2/kernel/value`` -> ``conv2``."""
+    keys = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        keys.append(str(key))
+    if keys and keys[-1] == "value":
+        keys = keys[:-1]
+    keys = keys[:-1] if len(keys) > 1 else keys  # drop the leaf's own name (kernel, w)
+    while len(keys) > 1 and keys[0] in _COLLECTIONS:
+        keys = keys[1:]
+    return "/".join(keys)
+
+
+def _example_pair(x: jax.Array) -> jax.Array:
+    if x.shape[0] >= 2:
+        return x[:2]
+    return jnp.concatenate([x, 0.5 * x[::-1] + 0.25])
+
+
+def quantize(
+    fn: Callable[[Any, jax.Array], Any],
+    params: Any,
+    example_input: ArrayLike,
+    *,
+    weight_bits: int | None = 8,
+    quantize_first: bool = False,
+    activation_products: ActivationProducts = "skip",
+    check: bool = True,
+) -> QuantizedFn:
+    """Derives a model's quantization sites from its program; returns the quantized function.
+
+    Args:
+      fn: ``fn(params, x) -> output`` (a pytree of ``[B, ...]`` arrays, usually logits
+        ``[B, C]``), any traceable JAX function in inference mode (BatchNorm on running
+        statistics, no dropout).
+      params: the pytree ``fn`` takes (linen variables, an NNX state, a dict of arrays...);
+        concrete arrays or ``jax.ShapeDtypeStruct`` s (then ``check`` is skipped).
+      example_input: ``[B, ...]``, ``B >= 1``: fixes the per-example shape and dtype.
+      weight_bits: static weight bit-width for every conv/dot parameter operand (``None``:
+        full-precision weights).
+      quantize_first: also make the layer that reads the raw input a site.
+      activation_products: what a conv/dot of two activations is (module docstring).
+      check: verify on ``example_input`` that the per-example program equals ``fn`` on a
+        batch (refuses models that mix examples).
+
+    Returns:
+      A :class:`QuantizedFn` with ``num_sites``, ``site_names`` and ``sites``.
+
+    Raises:
+      TransformError: no site found (or every site dead), a site inside a loop or branch, an
+        activation product with ``activation_products="error"``, a model that mixes examples.
+      ValueError: a batch-less example input, or an output without a leading batch axis.
+    """
+    if weight_bits is not None and not quant.MIN_BITS <= int(weight_bits) <= quant.MAX_BITS:
+        raise ValueError(
+            f"weight_bits must be None or in [{quant.MIN_BITS}, {quant.MAX_BITS}], "
+            f"got {weight_bits}"
+        )
+    if activation_products not in ("skip", "quantize", "error"):
+        raise ValueError(
+            "activation_products must be 'skip', 'quantize' or 'error', "
+            f"got {activation_products!r}"
+        )
+    if params is None:
+        raise TypeError(
+            "params is None: pass the variables fn takes, e.g. quantize(module.apply, "
+            "variables, x) for a flax.linen module"
+        )
+    x = example_input
+    x_aval = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    if len(x_aval.shape) < 1 or x_aval.shape[0] < 1:
+        raise ValueError(f"example_input must be [B, ...] with B >= 1, got shape {x_aval.shape}")
+    one = jax.ShapeDtypeStruct((1, *x_aval.shape[1:]), x_aval.dtype)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in leaves_with_path]
+    avals = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves]
+
+    out_tree_box = []
+
+    def flat_fn(leaf_list, xi):
+        out = fn(jax.tree.unflatten(treedef, leaf_list), xi)
+        flat, tree = jax.tree.flatten(out)
+        out_tree_box.append(tree)
+        return flat
+
+    closed = _trace(flat_fn, avals, one)
+    out_tree = out_tree_box[-1]
+    jaxpr, _ = _open(closed)
+    builder = _Builder(activation_products, quantize_first)
+    param_ids = [builder.new(a, False, False) for a in avals]
+    x_id = builder.new(one, True, False)
+    out_refs = builder.add(closed, [*param_ids, x_id], "")
+    for r in out_refs:
+        shape = (1,) if isinstance(r, _Lit) else builder.avals[r].shape
+        if not shape or shape[0] != 1:
+            raise ValueError(
+                f"every output of fn must have a leading batch axis; traced at batch 1 an output "
+                f"has shape {tuple(shape)}"
+            )
+
+    dead = _dead_sites(builder.ops, out_refs, builder.num_sites)
+    ops = list(builder.ops)
+    if dead:  # renumber: a site the output does not depend on is no site
+        keep = sorted(set(range(builder.num_sites)) - dead)
+        renum = {old: new for new, old in enumerate(keep)}
+        ops = [
+            dataclasses.replace(op, site=renum.get(op.site)) if op.site is not None else op
+            for op in ops
+        ]
+        warnings.warn(
+            f"{len(dead)} conv/dot site(s) do not reach the output and are ignored", stacklevel=2
+        )
+    site_ops = tuple(i for i, op in enumerate(ops) if op.site is not None)
+    if not site_ops:
+        raise TransformError(
+            "no quantization site found: the program has no conv_general_dilated/dot_general "
+            "between two x-dependent layers that reaches the output"
+            + (
+                ""
+                if quantize_first
+                else " (the layer reading the raw input is not a site; "
+                "quantize_first=True makes it one)"
+            )
+            + ", so bits would have no effect"
+        )
+    program = _Program(
+        ops=tuple(ops),
+        param_ids=tuple(param_ids),
+        x_id=x_id,
+        out_refs=tuple(out_refs),
+        const_values=dict(builder.const_values),
+        xdep=dict(builder.xdep),
+        site_ops=site_ops,
+        weight_bits=None if weight_bits is None else int(weight_bits),
+    )
+    program = _analyse(program)
+
+    paths = {
+        pid: _path_name(path) for pid, (path, _) in zip(param_ids, leaves_with_path, strict=True)
+    }
+    linear = [(i, op) for i, op in enumerate(ops) if _is_conv(op.eqn) or _is_dot(op.eqn)]
+    flops = {
+        i: _flops(
+            op.eqn,
+            [
+                builder.avals[r] if not isinstance(r, _Lit) else _aval(v)
+                for r, v in zip(op.ins, op.eqn.invars, strict=True)
+            ],
+            builder.avals[op.outs[0]],
+        )
+        for i, op in linear
+    }
+    total = max(sum(flops.values()), 1)
+    sites, seen = [], {}
+    for i in site_ops:
+        op = ops[i]
+        name = _site_name(ops, builder, op, paths, op.site)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name]}"
+        d = op.ins[op.data[0]]
+        w = op.ins[op.weight] if op.weight is not None else None
+        kind = "matmul" if op.weight is None else ("conv" if _is_conv(op.eqn) else "dense")
+        sites.append(
+            Site(
+                index=op.site,
+                name=name,
+                op=kind,
+                data_shape=tuple(builder.avals[d].shape),
+                weight_shape=None if w is None else tuple(builder.avals[w].shape),
+                out_shape=tuple(builder.avals[op.outs[0]].shape),
+                flops=int(flops[i]),
+                flops_share=flops[i] / total,
+            )
+        )
+    qfn = QuantizedFn(fn, program, tuple(sites), treedef, avals, x_aval, out_tree)
+    if (
+        check
+        and not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+        and not isinstance(x, jax.ShapeDtypeStruct)
+    ):
+        _check_per_example(qfn, params, jnp.asarray(x))
+    return qfn
+
+
+def _check_per_example(qfn: QuantizedFn, params, x: jax.Array) -> None:
+    """Refuses programs whose batched output differs from the per-example program's."""
+    pair = _example_pair(x)
+    batched = jax.tree.leaves(qfn.fn(params, pair))
+    leaves = qfn._leaves(params)
+    last = qfn.num_segments - 1
+    one = lambda xi: qfn._segments(leaves, (xi[None],), None, 0, last, "fake")
+    per_example = jax.vmap(one)(pair)
+    for a, b in zip(batched, per_example, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b[:, 0], np.float64)
+        if a.shape != b.shape or not np.allclose(
+            a, b, rtol=1e-4, atol=1e-5 * (1 + np.abs(a).max())
+        ):
+            diff = np.abs(a - b).max() if a.shape == b.shape else f"shapes {a.shape} vs {b.shape}"
+            raise TransformError(
+                "fn mixes examples: on a batch of 2 its output differs from the same program "
+                f"run on each example alone (max difference {diff}). Quantized evaluation is per "
+                "example; run fn in inference mode (BatchNorm on running statistics: "
+                "train=False / use_running_average=True for linen, model.eval() for NNX)"
+            )
