@@ -10,7 +10,8 @@ Args (``--config=configs/audit.py:source=robust,pipeline=DIR,examples=2000``):
     searches (tests and CI).
   source: ``student`` (default; the stage-A student, never trained to fail), ``teacher``,
     ``robust`` or ``detrimental`` (a pair's selected network), or ``fresh`` (train a ``cnn``
-    here with configs/fmnist_cnn.py's recipe first).
+    here with configs/fmnist_cnn.py's recipe first; ``--config.model.factory=pkg.mod:build``
+    trains and audits your own ``flax.nnx`` architecture instead).
   pipeline: the pipeline workdir holding the source (default runs/fmnist_pair).
   examples: how many test images to audit (default 1000, the first ones of the test split).
   budget: mean activation bits per site (default 4, the pipeline's).

@@ -9,8 +9,13 @@ Args (``--config=configs/fmnist_cnn.py:model=cnn,epochs=3``):
   model: a registry name (``teacher_cnn`` default, ``cnn`` the small student architecture).
   epochs: training epochs.
 
-What it reproduces: the black-box teacher of the method's stage A (docs/METHOD.md). The paper gives
-no number for its teacher; our requirement is >= 90 % Fashion-MNIST test accuracy.
+Your own architecture: ``--config.model.factory=my_pkg.models:build`` (and
+``--config.model.name=<a label>``), where ``build(num_classes=, in_channels=, rngs=,
+**config.model.kwargs)`` returns a plain ``flax.nnx`` module; its quantization sites are derived
+from its program (docs/DESIGN.md).
+
+What it reproduces: the black-box teacher of the method's stage A (docs/METHOD.md). The paper
+gives no number for its teacher; our requirement is >= 90 % Fashion-MNIST test accuracy.
 
 Measured (2-core x86-64 CPU, no GPU, jax 0.10.2), default args: teacher_cnn (266 810
 parameters), 5 epochs = 2145 steps at batch 128: test accuracy 91.08 % (uniform 8-bit DPTQ

@@ -50,11 +50,11 @@ from typing import Any
 import bench_lib  # noqa: I001  (sets sys.path to the repository)
 import jax
 import jax.numpy as jnp
+import legacy_equivalence as legacy_eq
 import numpy as np
 import optax
 from flax import nnx
 
-import legacy_equivalence as legacy_eq
 from ptq_adversary import models
 
 NAME = "transformed zoo vs hand-written layers"
@@ -130,8 +130,9 @@ def _model_rows(legacy, name, c, hw, batch, reps) -> list[dict[str, Any]]:
     inputs = {
         "x": jnp.asarray(rng.standard_normal((batch, hw, hw, c)), jnp.float32),
         "bits": bench_lib.random_bits(key, (batch, num_sites)),
-        "bits_p": bench_lib.random_bits(jax.random.fold_in(key, 1),
-                                        (NUM_POLICIES, batch, num_sites)),  # fmt: skip
+        "bits_p": bench_lib.random_bits(
+            jax.random.fold_in(key, 1), (NUM_POLICIES, batch, num_sites)
+        ),
         "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
     sides = {
@@ -181,8 +182,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             batch = batch_quick if quick else batch_full
             rows += _model_rows(legacy, name, c, hw, batch, reps)
     ratio = max(r["new / old"] for r in rows)
-    branches = {b: models.inference_branches(b) for b in sorted({r["examples/call"] for r in rows
-                                                                 if "policies" not in r["case"]})}  # fmt: skip
+    batches = sorted({r["examples/call"] for r in rows if "policies" not in r["case"]})
+    branches = {b: models.inference_branches(b) for b in batches}
     notes = [
         f"command: `{COMMAND}{' --quick' if quick else ''}`",
         f"old: ptq_adversary/{{layers,models,quant}}.py of {commit[:12]} (materialized from "
@@ -202,8 +203,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a sanity pass")
-    parser.add_argument("--out", default=None, type=pathlib.Path,
-                        help=f"markdown file (and .json next to it); full run default {OUT}")  # fmt: skip
+    parser.add_argument(
+        "--out", default=None, type=pathlib.Path,
+        help="markdown file (and .json next to it); full run default "
+        "experiments/results/benchmarks/transform.md",
+    )  # fmt: skip
     args = parser.parse_args()
     out = args.out or (None if args.quick else OUT)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptq_adversary import analysis, models, policy  # noqa: E402
+from ptq_adversary import analysis, data, models, policy  # noqa: E402
 
 BATCH = 500
 
@@ -63,7 +63,8 @@ def _cpu() -> str:
 
 def evaluate(run_dir: str, mode: str, dataset) -> dict:
     model, pol = analysis.load_pair(run_dir, mode)
-    images, labels = dataset.test.images, dataset.test.labels
+    images = data.normalize(dataset.test.images, dataset.mean, dataset.std)
+    labels = dataset.test.labels
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), BATCH):
         x = images[start : start + BATCH]

@@ -1,11 +1,17 @@
 """ptq_adversary: how badly can dynamic post-training quantization fail?
 
-Bit-widths are data: traced integer arrays ``[B, L]`` (or ``[P, B, L]`` for P policies)
-threaded through a functional forward pass, so one compile serves every allocation.
+Bit-widths are data: traced integer arrays ``[B, L]`` (or ``[P, B, L]`` for P policies), so one
+compile serves every allocation. The quantization sites are derived from a model's program by
+a transformation (``transform.quantize``), so any JAX model enters: flax.linen, flax.nnx or
+plain ``jax.numpy`` code.
 
-Modules: ``quant`` (fake quantizers), ``layers`` and ``models`` (quantizable flax.nnx models),
-``data`` (offline-first datasets), ``steps`` (pure step builders), ``trainers`` (training loops),
-``checkpoint``, ``metrics``, ``config_lib``, ``main`` (the command line).
+Modules: ``quant`` (fake quantizers), ``transform`` (dynamic PTQ as a program transformation),
+``zoo`` (the built-in plain-NNX networks), ``models`` (registry, ``QuantizedModel`` and the
+functional boundary), ``policy`` and ``policy_net`` (budgeted bit-width policies), ``losses``,
+``steps`` (pure step builders), ``trainers`` (training loops), ``evaluation``, ``analysis``,
+``corruptions``, ``audit`` (worst case of any trained model), ``report``, ``data``
+(offline-first datasets), ``artifacts``, ``checkpoint``, ``metrics``, ``config_lib``, ``main``
+(the command line).
 """
 
 __version__ = "0.1.0"

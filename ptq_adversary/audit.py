@@ -1033,54 +1033,47 @@ def _method(tracked: SearchResult, fp_correct: np.ndarray, seconds: float) -> Me
     )
 
 
-def _exact_search(
-    model: nnx.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    budget: policy.Budget,
-    *,
-    example_chunk: int,
-) -> SearchResult:
-    """Every feasible allocation on every example (:func:`exhaustive`) as a search result.
+class _Enumeration:
+    """Every feasible allocation on every example (:func:`exhaustive`), computed at most once.
 
-    What a search returns when it would evaluate at least as many allocations per example as
-    there are: ``evaluations`` is the number of feasible allocations, ``mean_correct`` the
-    exact accuracy under one uniformly random feasible allocation.
-    """
-    n = policy.num_allocations(budget)
-    allocs = np.asarray(policy.to_bits(policy.enumerate_allocations(budget, n), budget))
-    loss, correct = exhaustive(model, images, labels, allocs, example_chunk=example_chunk)
-    tracker = _Tracker(len(labels), budget.num_sites)
-    tracker.update(loss, correct, np.broadcast_to(allocs[:, None], (*loss.shape, len(allocs[0]))))
-    return tracker.result()
-
-
-class _ExactCap:
-    """Runs a search as exact enumeration when its cost reaches the number of allocations.
-
-    The enumeration is computed at most once per audit and shared by every capped search.
+    Shared by the ``exhaustive`` method and by the searches it caps: a search that would
+    evaluate at least as many allocations per example as there are runs as the enumeration
+    instead (``evaluations`` = the number of feasible allocations, ``mean_correct`` the exact
+    accuracy under one uniformly random feasible allocation).
     """
 
-    def __init__(self, budget: policy.Budget, max_allocations: int, run):
+    def __init__(self, model, images, labels, budget: policy.Budget, max_allocations: int,
+                 example_chunk: int):  # fmt: skip
         self.n = policy.num_allocations(budget)
         self.allowed = self.n <= max_allocations
-        self.run = run  # () -> SearchResult, the enumeration
-        self.found: tuple[SearchResult, float] | None = None
         self.notes: dict[str, str] = {}
+        self._args = (model, images, labels, budget, example_chunk)
+        self._done: tuple[np.ndarray, np.ndarray, np.ndarray, SearchResult, float] | None = None
 
-    def __call__(self, name: str, evaluations: int) -> tuple[SearchResult, float] | None:
+    def run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, SearchResult, float]:
+        """``(allocations [N, L], loss [N, B], correct [N, B], search result, seconds)``."""
+        if self._done is None:
+            model, images, labels, budget, example_chunk = self._args
+            t0 = time.perf_counter()
+            allocs = policy.enumerate_allocations(budget, self.n)
+            allocs = np.asarray(policy.to_bits(allocs, budget))
+            loss, correct = exhaustive(model, images, labels, allocs, example_chunk=example_chunk)
+            tracker = _Tracker(len(labels), budget.num_sites)
+            per_example = np.broadcast_to(allocs[:, None], (*loss.shape, budget.num_sites))
+            tracker.update(loss, correct, per_example)
+            self._done = (allocs, loss, correct, tracker.result(), time.perf_counter() - t0)
+        return self._done
+
+    def cap(self, name: str, evaluations: int) -> tuple[SearchResult, float] | None:
         """``(result, seconds)`` of the enumeration if ``name`` at ``evaluations`` per example
         is capped (noted in :attr:`notes`), else ``None`` (run the search)."""
         if not self.allowed or evaluations < self.n:
             return None
-        if self.found is None:
-            t0 = time.perf_counter()
-            result = self.run()
-            self.found = (result, time.perf_counter() - t0)
+        *_, found, seconds = self.run()
         self.notes[name] = (
             f"{self.n} feasible allocations <= {evaluations} evaluations: exact enumeration used"
         )
-        return self.found
+        return found, seconds
 
 
 def audit(
@@ -1196,11 +1189,7 @@ def audit(
     num_starts = len(low_bit_starts(bud)) if low_starts else 0
     search_evals = 1 + num_init + num_starts + num_iters * beam_width * num_moves
     # A search at least as costly as enumerating every allocation runs as the enumeration.
-    exact = _ExactCap(
-        bud,
-        max_allocations,
-        lambda: _exact_search(model, images, labels, bud, example_chunk=example_chunk),
-    )
+    exact = _Enumeration(model, images, labels, bud, max_allocations, example_chunk)
 
     for name in [m for m in METHODS if m in methods]:
         t0 = time.perf_counter()
@@ -1219,7 +1208,7 @@ def audit(
                 time.perf_counter() - t0,
             )
         elif name == "random":
-            capped = exact(name, num_random or search_evals)
+            capped = exact.cap(name, num_random or search_evals)
             if capped is None:
                 found = random_search(
                     model,
@@ -1235,7 +1224,7 @@ def audit(
             random_accuracy = float(found.mean_correct.mean())
             results["random_search"] = _method(found, fp_correct, seconds)
         elif name in ("greedy", "beam"):
-            capped = exact(name, search_evals)
+            capped = exact.cap(name, search_evals)
             if capped is None:
                 width = 1 if name == "greedy" else beam_width
                 moves = num_moves * beam_width // width  # equal evaluations for greedy and beam
@@ -1275,12 +1264,8 @@ def audit(
                     f"{n_alloc} feasible allocations exceed max_allocations={max_allocations}"
                 )
                 continue
-            allocs = np.asarray(policy.to_bits(policy.enumerate_allocations(bud, n_alloc), bud))
-            loss, correct = exhaustive(model, images, labels, allocs, example_chunk=example_chunk)
-            tracker = _Tracker(len(labels), num_sites)
-            per_example = np.broadcast_to(allocs[:, None], (*loss.shape, num_sites))
-            tracker.update(loss, correct, per_example)
-            results[name] = _method(tracker.result(), fp_correct, time.perf_counter() - t0)
+            allocs, loss, correct, found, seconds = exact.run()  # shared with capped searches
+            results[name] = _method(found, fp_correct, seconds)
             low = (allocs < bud.budget).sum(axis=1)  # [N] sites below the budget
             flips = ~correct & fp_correct[None]
             counts = np.where(flips, low[:, None], np.iinfo(np.int64).max).min(axis=0)

@@ -384,28 +384,36 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> None
 def abstract_num_sites(config: ml_collections.ConfigDict) -> int:
     """The number of quantization sites of ``config.model``, from shapes alone.
 
-    The model is built abstractly (``nnx.eval_shape``) for 10 classes and 1 channel: the
-    registry's sites depend on neither, and a factory gets both as arguments.
+    The model is built abstractly (``nnx.eval_shape``) for 10 classes and the image shape of
+    ``config.data.name`` (``data.IMAGE_SHAPES``); the registry's sites depend on neither the
+    classes nor the channels, and a factory gets both as arguments.
 
     Raises:
-      ConfigError: the model's program has no site (or another transform error).
+      ConfigError: the model cannot be built for those inputs, or its program has no site (or
+        another transform error).
     """
     from flax import nnx
 
-    from ptq_adversary import artifacts
+    from ptq_adversary import artifacts, data
 
+    h, w, c = data.IMAGE_SHAPES.get(config.data.get("name", ""), (32, 32, 1))
     spec = artifacts.ModelSpec(
         name=config.model.name,
         num_classes=10,
-        in_channels=1,
+        in_channels=c,
         weight_bits=config.model.get("weight_bits", 8),
         kwargs=to_dict(config.model.get("kwargs", {})),
+        image_size=(h, w),
         factory=config.model.get("factory") or None,
     )
     try:
         return nnx.eval_shape(lambda: artifacts.build(spec)).num_sites
     except ValueError as err:  # e.g. transform.TransformError: the program has no site
         raise ConfigError("model", f"cannot derive the quantization sites: {err}") from None
+    except Exception as err:  # noqa: BLE001 (a user's model failing on these inputs)
+        raise ConfigError(
+            "model", f"cannot build it for {h}x{w}x{c} inputs: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _validate_budget(config: ml_collections.ConfigDict) -> None:

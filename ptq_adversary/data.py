@@ -530,6 +530,17 @@ DATASETS: dict[str, Callable[[str | os.PathLike | None], RawDataset]] = {
 }
 
 
+#: Per-example image shape ``(H, W, C)`` of each registered dataset, known without loading it
+#: (config validation derives a model's sites from shapes alone).
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "fashion_mnist": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "cifar100": (32, 32, 3),
+    "svhn_cropped": (32, 32, 3),
+}
+
+
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; allowed names: {', '.join(sorted(DATASETS))}")

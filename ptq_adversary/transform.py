@@ -365,7 +365,12 @@ def _weight_scale_in_output(eqn: Any, weight: int, scale: jax.Array, out_ndim: i
 
 
 def _run_ops(program: _Program, ops: Sequence[int], env: dict[int, Any], bits, mode: str):
-    """Evaluates ``program.ops[i] for i in ops`` on ``env`` (one example, batch axis 1)."""
+    """Evaluates ``program.ops[i] for i in ops`` on ``env``.
+
+    ``bits``: ``None`` (no quantization), int ``[L]`` for the per-example program (one
+    example, vmapped by the caller) or int ``[B, L]`` for a batched program (one whose
+    ``batch_axes`` locate every site's batch axis).
+    """
 
     def read(ref):
         return ref.value if isinstance(ref, _Lit) else env[ref]
@@ -376,38 +381,70 @@ def _run_ops(program: _Program, ops: Sequence[int], env: dict[int, Any], bits, m
         if bits is None or (op.weight is None and op.site is None):
             outs = _bind(op.eqn, invals)
         else:
-            outs = _linear_op(program, op, invals, bits, mode)
+            outs = _linear_op(program, i, invals, bits, mode)
         for r, v in zip(op.outs, outs, strict=True):
             env[r] = v
     return env
 
 
-def _linear_op(program: _Program, op: _Op, invals: list, bits, mode: str) -> list:
-    """A conv/dot with its data operand(s) and weight quantized as configured."""
-    site_bits = None if op.site is None else bits[op.site][None]
+def _per_example(x: jax.Array, axis: int | None) -> jax.Array:
+    """``x`` with its examples (``axis``) first, or as one example (``None``): ``[1, size]``."""
+    if axis is None:  # (reshaping costs fusion in the backward pass: only when needed)
+        return x if x.ndim and x.shape[0] == 1 else x.reshape(1, -1)
+    return jnp.moveaxis(x, axis, 0)  # the quantizer reduces over every axis but the first
+
+
+def _from_per_example(rows: jax.Array, like: jax.Array, axis: int | None) -> jax.Array:
+    if axis is None:
+        return rows.reshape(like.shape)
+    return jnp.moveaxis(rows, 0, axis)
+
+
+def _linear_op(program: _Program, index: int, invals: list, bits, mode: str) -> list:
+    """A conv/dot with its data operand(s) and weight quantized as configured.
+
+    The activation range is per example: in the per-example program the whole operand is one
+    example; in a batched one, each slice along the site's batch axis is.
+    """
+    op = program.ops[index]
+    batched = program.batch_axes is not None
+    in_axes, out_axis = program.batch_axes[index] if batched and op.site is not None else ((), None)
+    if op.site is None:
+        site_bits = None
+    else:
+        site_bits = bits[:, op.site] if batched else bits[op.site][None]
     wb = program.weight_bits
+    invals = list(invals)
     if mode == "integer" and op.site is not None and wb is not None:
-        codes, out_scale = list(invals), jnp.ones((), jnp.float32)
-        for d in op.data:
-            q, s, z = quant.quantize_activation(invals[d], site_bits)
-            codes[d] = (q - z.reshape((-1,) + (1,) * (q.ndim - 1))).astype(jnp.int32)
-            out_scale = out_scale * s[0]
+        out_scale = jnp.ones((site_bits.shape[0],), jnp.float32)
+        for k, d in enumerate(op.data):
+            axis = in_axes[k] if batched else None
+            q, s, z = quant.quantize_activation(_per_example(invals[d], axis), site_bits)
+            z = z.reshape((-1,) + (1,) * (q.ndim - 1))
+            invals[d] = _from_per_example((q - z).astype(jnp.int32), invals[d], axis)
+            out_scale = out_scale * s
         w_scale = None
         if op.weight is not None:
             w = invals[op.weight]
             axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
-            qw, sw = quant.quantize_weight(w, wb, channel_axis=axes)
-            codes[op.weight] = qw.astype(jnp.int32)
-            w_scale = sw
-        (acc,) = _bind(op.eqn, codes, preferred_element_type=jnp.int32)
-        out = acc.astype(jnp.float32) * out_scale
+            qw, w_scale = quant.quantize_weight(w, wb, channel_axis=axes)
+            invals[op.weight] = qw.astype(jnp.int32)
+        (acc,) = _bind(op.eqn, invals, preferred_element_type=np.dtype(np.int32))
+        out = acc.astype(jnp.float32)
+        if batched:
+            shape = [1] * out.ndim
+            shape[out_axis] = out_scale.shape[0]
+            out = out * out_scale.reshape(shape)
+        else:
+            out = out * out_scale[0]
         if w_scale is not None:
             out = out * _weight_scale_in_output(op.eqn, op.weight, w_scale, out.ndim)
         return [out.astype(_aval(op.eqn.outvars[0]).dtype)]
-    invals = list(invals)
     if op.site is not None:
-        for d in op.data:
-            invals[d] = quant.fake_quant_activation(invals[d], site_bits)
+        for k, d in enumerate(op.data):
+            axis = in_axes[k] if batched else None
+            rows = quant.fake_quant_activation(_per_example(invals[d], axis), site_bits)
+            invals[d] = _from_per_example(rows, invals[d], axis)
     if op.weight is not None and wb is not None:
         w = invals[op.weight]
         axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
@@ -417,7 +454,11 @@ def _linear_op(program: _Program, op: _Op, invals: list, bits, mode: str) -> lis
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Program:
-    """The inlined program of one example and everything derived from it (static)."""
+    """An inlined program and everything derived from it (static).
+
+    The reference program is traced for one example (``x[:1]``); batched programs (traced at
+    a call's batch size) carry ``batch_axes``.
+    """
 
     ops: tuple[_Op, ...]
     param_ids: tuple[int, ...]
@@ -432,6 +473,9 @@ class _Program:
     seg_ops: tuple[tuple[int, ...], ...] = ()
     seg_param_ops: tuple[tuple[int, ...], ...] = ()
     live: tuple[tuple[int, ...], ...] = ()
+    avals: dict[int, Any] = dataclasses.field(default_factory=dict)
+    # batched programs only: op index -> (batch axis of each data operand, output batch axis)
+    batch_axes: dict[int, tuple[tuple[int, ...], int]] | None = None
 
 
 def _analyse(program: _Program) -> _Program:
@@ -478,6 +522,19 @@ def _dead_sites(ops: Sequence[_Op], out_refs, num_sites: int) -> set[int]:
     return set(range(num_sites)) - live_sites
 
 
+def _evaluate(program: _Program, leaves, live_in, bits, start: int, stop: int, mode: str):
+    """Segments ``start..stop`` of ``program``: values live at ``start`` in, at ``stop`` out."""
+    env: dict[int, Any] = dict(program.const_values)
+    env.update(zip(program.param_ids, leaves, strict=True))
+    names = (program.x_id,) if start == 0 else program.live[start - 1]
+    env.update(zip(names, live_in, strict=True))
+    for k in range(start, stop + 1):
+        _run_ops(program, program.seg_param_ops[k], env, None, mode)
+        _run_ops(program, program.seg_ops[k], env, bits, mode)
+    refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
+    return tuple(r.value if isinstance(r, _Lit) else env[r] for r in refs)
+
+
 # ================================================================== the public surface
 class QuantizedFn:
     """``fn`` under dynamic PTQ: ``qfn(params, x, bits=None) -> fn's output``.
@@ -501,6 +558,7 @@ class QuantizedFn:
         in_avals,
         x_aval,
         out_tree,
+        options,
     ):
         self.fn = fn
         self._program = program
@@ -512,6 +570,8 @@ class QuantizedFn:
         self._param_avals = in_avals
         self._x_aval = x_aval
         self._out_tree = out_tree
+        self._options = options
+        self._batched: dict[int, _Program | None] = {}
 
     def __repr__(self) -> str:
         return f"QuantizedFn({self.num_sites} sites: {', '.join(self.site_names)})"
@@ -599,23 +659,56 @@ class QuantizedFn:
         x = self._check_x(x)
         bits = self._check_bits(bits, x.shape[0])
         leaves = self._leaves(params)
+        batched = self._batched_program(x.shape[0])
+        if batched is not None:  # the program traced at this batch size: no vmap needed
+            outs = _evaluate(batched, leaves, (x,), bits, 0, len(batched.seg_ops) - 1, mode)
+            return jax.tree.unflatten(self._out_tree, list(outs))
         last = len(self._program.seg_ops) - 1
         run = lambda xi, bi: self._segments(leaves, (xi[None],), bi, 0, last, mode)
         outs = jax.vmap(run)(x, bits)
         return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
 
+    def _batched_program(self, batch: int) -> _Program | None:
+        """The program traced at ``batch`` with every site's batch axis located, if it can be.
+
+        Gradients through the vmapped per-example program cost up to ~1.4x more on XLA:CPU
+        (the backward pass of per-example quantizers does not fuse as well), so where the
+        batched trace is the same program as the per-example one and every site's batch axis
+        is found by comparing the two, the batched program runs instead: the same ops with the
+        ranges reduced per slice of that axis. ``None``: fall back to the vmapped program.
+        """
+        if batch not in self._batched:
+            x_aval = jax.ShapeDtypeStruct((batch, *self._x_aval.shape[1:]), self._x_aval.dtype)
+            try:
+                builder, ops, param_ids, x_id, out_refs, _, _ = _flatten(
+                    self.fn, self._treedef, self._param_avals, x_aval, self._options
+                )
+            except (TransformError, ValueError, TypeError):
+                self._batched[batch] = None
+                return None
+            axes = _batch_axes(self._program, ops, builder.avals, batch)
+            program = None
+            if axes is not None:
+                program = _analyse(
+                    _Program(
+                        ops=tuple(ops),
+                        param_ids=tuple(param_ids),
+                        x_id=x_id,
+                        out_refs=tuple(out_refs),
+                        const_values=dict(builder.const_values),
+                        xdep=dict(builder.xdep),
+                        avals=dict(builder.avals),
+                        site_ops=self._program.site_ops,
+                        weight_bits=self._program.weight_bits,
+                        batch_axes=axes,
+                    )
+                )
+            self._batched[batch] = program
+        return self._batched[batch]
+
     def _segments(self, leaves, live_in, bits_l, start: int, stop: int, mode: str):
         """Segments ``start..stop`` of one example: values live at ``start`` in, at ``stop`` out."""
-        program = self._program
-        env: dict[int, Any] = dict(program.const_values)
-        env.update(zip(program.param_ids, leaves, strict=True))
-        names = (program.x_id,) if start == 0 else program.live[start - 1]
-        env.update(zip(names, live_in, strict=True))
-        for k in range(start, stop + 1):
-            _run_ops(program, program.seg_param_ops[k], env, None, mode)
-            _run_ops(program, program.seg_ops[k], env, bits_l, mode)
-        refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
-        return tuple(r.value if isinstance(r, _Lit) else env[r] for r in refs)
+        return _evaluate(self._program, leaves, live_in, bits_l, start, stop, mode)
 
     # ------------------------------------------------------------------ prefix cuts
     @property
@@ -707,6 +800,96 @@ def _path_name(path) -> str:
     return "/".join(keys)
 
 
+def _flatten(fn, treedef, avals, x_aval, options):
+    """Traces ``fn`` at ``x_aval`` and flattens it: ``(builder, ops, param_ids, x_id,
+    out_refs, out_tree, dead_sites)`` with the sites that do not reach the output unnumbered."""
+    out_tree_box = []
+
+    def flat_fn(leaf_list, xi):
+        out = fn(jax.tree.unflatten(treedef, leaf_list), xi)
+        flat, tree = jax.tree.flatten(out)
+        out_tree_box.append(tree)
+        return flat
+
+    closed = _trace(flat_fn, avals, x_aval)
+    builder = _Builder(*options)
+    param_ids = [builder.new(a, False, False) for a in avals]
+    x_id = builder.new(x_aval, True, False)
+    out_refs = builder.add(closed, [*param_ids, x_id], "")
+    batch = x_aval.shape[0]
+    for r in out_refs:
+        shape = (batch,) if isinstance(r, _Lit) else builder.avals[r].shape
+        if not shape or shape[0] != batch:
+            raise ValueError(
+                f"every output of fn must have a leading batch axis; traced at batch {batch} an "
+                f"output has shape {tuple(shape)}"
+            )
+    dead = _dead_sites(builder.ops, out_refs, builder.num_sites)
+    ops = list(builder.ops)
+    if dead:  # renumber: a site the output does not depend on is no site
+        keep = sorted(set(range(builder.num_sites)) - dead)
+        renum = {old: new for new, old in enumerate(keep)}
+        ops = [
+            dataclasses.replace(op, site=renum.get(op.site)) if op.site is not None else op
+            for op in ops
+        ]
+    return builder, ops, param_ids, x_id, out_refs, out_tree_box[-1], dead
+
+
+def _out_batch_axis(eqn: Any, data: tuple[int, ...], in_axes, ndims) -> int | None:
+    """Where the data operands' batch axis lands in a conv/dot's output (``None``: nowhere)."""
+    if _is_conv(eqn):
+        dn = eqn.params["dimension_numbers"]
+        return dn.out_spec[0] if data == (0,) and in_axes[0] == dn.lhs_spec[0] else None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs_free = [k for k in range(ndims[0]) if k not in lc and k not in lb]
+    found = set()
+    for d, a in zip(data, in_axes, strict=True):
+        contract, batch = (lc, lb) if d == 0 else (rc, rb)
+        if a in contract:
+            return None
+        if a in batch:
+            found.add(list(batch).index(a))
+            continue
+        free = [k for k in range(ndims[d]) if k not in contract and k not in batch]
+        found.add(len(lb) + (0 if d == 0 else len(lhs_free)) + free.index(a))
+    return found.pop() if len(found) == 1 else None
+
+
+def _batch_axes(reference: _Program, ops_b, avals_b, batch: int):
+    """Per site op of the batch-``B`` program: the batch axis of each data operand and of the
+    output, or ``None`` (then the per-example program is vmapped instead).
+
+    The two traces must be the same program (same primitives in the same order, the same
+    sites); a data operand's batch axis is the one axis whose size is 1 at batch 1 and ``B``
+    at batch ``B``, every other axis equal.
+    """
+    ops_1, avals_1 = reference.ops, reference.avals
+    if batch < 2 or len(ops_1) != len(ops_b):
+        return None
+    axes: dict[int, tuple[tuple[int, ...], int]] = {}
+    for i, (a, b) in enumerate(zip(ops_1, ops_b, strict=True)):
+        if a.eqn.primitive is not b.eqn.primitive or a.site != b.site or a.data != b.data:
+            return None
+        if b.site is None:
+            continue
+        found = []
+        for d in b.data:
+            s1, sb = avals_1[a.ins[d]].shape, avals_b[b.ins[d]].shape
+            if len(s1) != len(sb):
+                return None
+            diff = [k for k, (u, v) in enumerate(zip(s1, sb, strict=True)) if u != v]
+            if len(diff) != 1 or s1[diff[0]] != 1 or sb[diff[0]] != batch:
+                return None
+            found.append(diff[0])
+        ndims = [len(avals_b[r].shape) if not isinstance(r, _Lit) else 0 for r in b.ins[:2]]
+        out_axis = _out_batch_axis(b.eqn, b.data, found, ndims)
+        if out_axis is None:
+            return None
+        axes[i] = (tuple(found), out_axis)
+    return axes
+
+
 def _example_pair(x: jax.Array) -> jax.Array:
     if x.shape[0] >= 2:
         return x[:2]
@@ -770,39 +953,11 @@ def quantize(
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [leaf for _, leaf in leaves_with_path]
     avals = [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves]
-
-    out_tree_box = []
-
-    def flat_fn(leaf_list, xi):
-        out = fn(jax.tree.unflatten(treedef, leaf_list), xi)
-        flat, tree = jax.tree.flatten(out)
-        out_tree_box.append(tree)
-        return flat
-
-    closed = _trace(flat_fn, avals, one)
-    out_tree = out_tree_box[-1]
-    jaxpr, _ = _open(closed)
-    builder = _Builder(activation_products, quantize_first)
-    param_ids = [builder.new(a, False, False) for a in avals]
-    x_id = builder.new(one, True, False)
-    out_refs = builder.add(closed, [*param_ids, x_id], "")
-    for r in out_refs:
-        shape = (1,) if isinstance(r, _Lit) else builder.avals[r].shape
-        if not shape or shape[0] != 1:
-            raise ValueError(
-                f"every output of fn must have a leading batch axis; traced at batch 1 an output "
-                f"has shape {tuple(shape)}"
-            )
-
-    dead = _dead_sites(builder.ops, out_refs, builder.num_sites)
-    ops = list(builder.ops)
-    if dead:  # renumber: a site the output does not depend on is no site
-        keep = sorted(set(range(builder.num_sites)) - dead)
-        renum = {old: new for new, old in enumerate(keep)}
-        ops = [
-            dataclasses.replace(op, site=renum.get(op.site)) if op.site is not None else op
-            for op in ops
-        ]
+    options = (activation_products, quantize_first)
+    builder, ops, param_ids, x_id, out_refs, out_tree, dead = _flatten(
+        fn, treedef, avals, one, options
+    )
+    if dead:
         warnings.warn(
             f"{len(dead)} conv/dot site(s) do not reach the output and are ignored", stacklevel=2
         )
@@ -826,6 +981,7 @@ def quantize(
         out_refs=tuple(out_refs),
         const_values=dict(builder.const_values),
         xdep=dict(builder.xdep),
+        avals=dict(builder.avals),
         site_ops=site_ops,
         weight_bits=None if weight_bits is None else int(weight_bits),
     )
@@ -869,7 +1025,7 @@ def quantize(
                 flops_share=flops[i] / total,
             )
         )
-    qfn = QuantizedFn(fn, program, tuple(sites), treedef, avals, x_aval, out_tree)
+    qfn = QuantizedFn(fn, program, tuple(sites), treedef, avals, x_aval, out_tree, options)
     if (
         check
         and not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)

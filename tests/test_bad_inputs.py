@@ -79,6 +79,7 @@ def _override(name: str, **overrides: Any) -> Callable[[Any, Any], tuple[Any, st
 
 
 _CNN, _PAIR = "fmnist_cnn", "fmnist_pair"
+_ONE_LAYER = "user_model:build_one_layer"  # tests/user_model.py: a model without a site
 _MODELS = r"\['cnn', 'resnet18', 'resnet20', 'teacher_cnn', 'wrn16_4'\]"
 _CHOICES = r"must be a non-empty list of unique bit-widths in \[2, 16\] sorted ascending"
 
@@ -147,6 +148,16 @@ CONFIG_CASES = [
     Bad("seed-negative", _override(_CNN, seed=-1), r"config\.seed: must be an int >= 0, got -1$"),
     Bad("model-kwarg-unknown", _override(_CNN, **{"model.kwargs.depth": 3}),
         r"config\.model\.kwargs\.depth: is not an argument of model 'teacher_cnn'; allowed: "),
+    Bad("factory-unimportable", _override(_CNN, **{"model.factory": "no_such_pkg.nets:build"}),
+        r"config\.model\.factory: model factory 'no_such_pkg\.nets:build': cannot import "
+        r"'no_such_pkg\.nets': No module named 'no_such_pkg'$"),
+    Bad("factory-malformed", _override(_CNN, **{"model.factory": "user_model.build"}),
+        r"config\.model\.factory: model factory must look like 'package\.module:function', "
+        r"got 'user_model\.build'$"),
+    Bad("factory-no-sites", _override(_PAIR, **{"student.model.kwargs": {},
+                                               "student.model.factory": _ONE_LAYER}),
+        r"config\.student\.model: cannot derive the quantization sites: no quantization site "
+        r"found: .* so bits would have no effect \(stage robust\)$"),
 ]  # fmt: skip
 
 

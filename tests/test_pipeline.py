@@ -137,6 +137,11 @@ def test_pipeline_config_validation_rejects_infeasible_budget_and_bad_mode():
 def _smoke_config():
     config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke")
     config.log.tensorboard = False
+    # The student is a user's own plain-NNX architecture, built from its import path: the
+    # whole pipeline runs on it (the registry student runs in test_sharding / test_resume).
+    config.student.model.name = "small_net"
+    config.student.model.factory = "user_model:build"
+    config.student.model.kwargs = type(config.student.model.kwargs)({"width": 4})
     return config
 
 
@@ -165,6 +170,9 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     # The student learns from the teacher's cached logits, one row per training example.
     logits = np.load(os.path.join(workdir, "student", "teacher_logits.npy"))
     assert logits.shape == (256, 10)
+    student = artifacts.load_model(os.path.join(workdir, "robust", "best", "model"))
+    assert student.spec.factory == "user_model:build"
+    assert student.site_names == ("conv2", "head")
 
 
 @requires_fashion_mnist

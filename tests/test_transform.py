@@ -368,3 +368,63 @@ def test_integer_mode_agrees_with_fake_quantization():
     with pytest.raises(ValueError, match="integer mode"):
         q32 = transform.quantize(module.apply, variables, x, weight_bits=None)
         q32(variables, x, bits, mode="integer")
+
+
+def _force_vmapped(qfn, batch):
+    qfn._batched[batch] = None  # the per-example program, vmapped over the batch
+    return qfn
+
+
+def test_batched_program_equals_the_vmapped_per_example_program():
+    module, variables, x = _linen()
+    fast = transform.quantize(module.apply, variables, x)
+    slow = _force_vmapped(transform.quantize(module.apply, variables, x), 5)
+    bits = _bits(11, (5, 3))
+    assert fast._batched_program(5) is not None
+    for mode in ("fake", "integer"):
+        a = jax.jit(lambda v, x, b, m=mode: fast(v, x, b, mode=m))(variables, x, bits)
+        b = jax.jit(lambda v, x, b, m=mode: slow(v, x, b, mode=m))(variables, x, bits)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    grads = [jax.grad(lambda v, q=q: jnp.sum(q(v, x, bits) ** 2))(variables) for q in (fast, slow)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_axis_is_located_wherever_the_model_puts_it():
+    w1 = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
+    w2 = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+
+    def time_major(p, x):  # x [B, T, D] -> [T, B, D] before the layers
+        h = jnp.tanh(jnp.swapaxes(x, 0, 1) @ p[0])
+        return jnp.swapaxes(h @ p[1], 0, 1).mean(axis=1)
+
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 5, 4))
+    qfn = transform.quantize(time_major, [w1, w2], x, weight_bits=None)
+    axes = qfn._batched_program(4).batch_axes
+    assert [a for a, _ in axes.values()] == [(1,)]  # the site's data operand is [T, B, 6]
+    bits = jnp.array([[2], [3], [5], [8]])
+    h = [jnp.tanh(x[i] @ w1) for i in range(4)]  # one example at a time: its own range
+    want = np.stack(
+        [(quant.fake_quant_activation(h[i][None], bits[i]) @ w2)[0].mean(0) for i in range(4)]
+    )
+    np.testing.assert_allclose(qfn([w1, w2], x, bits), want, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_merged_into_another_axis_falls_back_to_per_example():
+    w1 = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
+    w2 = jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+
+    def tokens(p, x):  # [B, T, D] -> [B * T, D]: the batch axis is not a separate axis
+        b, t, d = x.shape
+        h = jnp.tanh(x.reshape(b * t, d) @ p[0])
+        return (h @ p[1]).reshape(b, t, 3).mean(axis=1)
+
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 4))
+    qfn = transform.quantize(tokens, [w1, w2], x, weight_bits=None)
+    assert qfn._batched_program(3) is None
+    bits = jnp.array([[2], [4], [8]])
+    h = [jnp.tanh(x[i] @ w1) for i in range(3)]  # [T, 6] per example: one range for all T
+    want = np.stack(
+        [(quant.fake_quant_activation(h[i][None], bits[i])[0] @ w2).mean(0) for i in range(3)]
+    )
+    np.testing.assert_allclose(qfn([w1, w2], x, bits), want, rtol=1e-6, atol=1e-6)

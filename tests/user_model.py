@@ -21,3 +21,18 @@ class SmallNet(nnx.Module):
 def build(*, num_classes: int, in_channels: int, rngs: nnx.Rngs, width: int = 4) -> SmallNet:
     """What ``--config.model.factory=user_model:build`` calls."""
     return SmallNet(num_classes=num_classes, in_channels=in_channels, width=width, rngs=rngs)
+
+
+class OneLayer(nnx.Module):
+    """A linear classifier on pooled pixels: its only dense layer reads the image: no site."""
+
+    def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):
+        self.head = nnx.Linear(in_channels, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def build_one_layer(*, num_classes: int, in_channels: int, rngs: nnx.Rngs) -> OneLayer:
+    """A factory whose model the transform refuses (no quantization site)."""
+    return OneLayer(num_classes=num_classes, in_channels=in_channels, rngs=rngs)
