@@ -16,13 +16,13 @@ bit budget: detrimental pairs lose 10-65 % under DPTQ and robust ones < 2 % at s
 accuracy (ResNet-18/CIFAR-10: 24.39 % vs 0.22 %). Here: the 4-site CNN student on
 Fashion-MNIST, choices {2,3,4,5,6,8}, budget 4, 8-bit weights.
 
-Measured with the command above (2-core x86-64 CPU, no GPU, jax 0.10.2; runs/final), test set:
-  teacher 91.08 %; student 89.15 %;
-  robust pair:      FP 89.03 %, DPTQ 88.92 %, drop 0.11 pts (uniform 0.23, random 7.43);
-  detrimental pair: FP 88.79 %, DPTQ 10.29 %, drop 78.50 pts (uniform 3.76, random 24.07);
-  max FP gap 0.36 pts; wall time 16.9 min (teacher 338 s, student 172 s, pairs 254 + 250 s).
-Every stage is seeded; the teacher reproduced to the digit in a second run (runs/teacher_v2),
-the other stages were not rerun.
+Measured with this config (2026-12-01, seed 0 of experiments/seeds.py; 2-core AMD EPYC VM, no
+GPU, jax 0.10.2, commit bd4e346, other jobs on the same cores), test set:
+  teacher 91.05 %; student 89.07 %;
+  robust pair:      FP 88.90 %, DPTQ 88.87 %, drop 0.03 pts (uniform 0.02, random 7.22);
+  detrimental pair: FP 88.66 %, DPTQ 10.21 %, drop 78.45 pts (uniform 2.89, random 23.92);
+  max FP gap 0.41 pts; wall time 15.7 min (teacher 474 s, student 174 s, pairs 145 + 148 s).
+Over seeds 0-2: robust drop 0.19 ± 0.68, detrimental drop 78.32 ± 1.36 points (README.md).
 """
 
 import os

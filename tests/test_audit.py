@@ -117,8 +117,7 @@ def _zoo(name, kwargs):
     [
         ("cnn", {"widths": (4, 8, 8, 8)}),
         ("teacher_cnn", {"widths": (4, 8, 8, 8), "hidden": 8}),  # fc stage
-        ("resnet20", {"width": 0.25}),
-        ("wrn16_4", {"width": 0.125}),
+        ("resnet20", {"width": 0.25}),  # (wrn16_4's pre-activation blocks: legacy_equivalence)
         ("linen_resnet", None),
         ("user_nnx", None),
     ],
