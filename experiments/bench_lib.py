@@ -146,7 +146,8 @@ def time_interleaved(
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` says)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -161,7 +162,7 @@ def hardware() -> dict[str, Any]:
     """What the numbers were measured on: CPU model, cores, jax version and backend, load."""
     devices = jax.devices()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),

@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -29,6 +28,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import bench_lib  # noqa: E402
 
 from ptq_adversary import analysis, data, models, policy  # noqa: E402
 
@@ -49,16 +50,6 @@ def _three_ways(params, rest, pol_params, pol_rest, images, *, graphdef, policy_
             logits = models.apply_model(graphdef, params, rest, images, bits, quant_mode=mode)[0]
             out[f"{name}_{mode}"] = logits
     return out
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def evaluate(run_dir: str, mode: str, dataset) -> dict:
@@ -123,7 +114,7 @@ def main() -> None:
     rows = [evaluate(args.pipeline, mode, dataset) for mode in ("robust", "detrimental")]
     meta = {
         "command": f"python experiments/integer_fidelity.py --pipeline={args.pipeline}",
-        "cpu": _cpu(),
+        "cpu": bench_lib.cpu_model(),
         "jax": jax.__version__,
         "seconds": time.perf_counter() - t0,
     }

@@ -86,6 +86,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import bench_lib  # noqa: E402
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -546,17 +547,6 @@ def run_model(legacy, name: str, c: int, hw: int, kwargs: dict[str, Any], fmnist
 # --- Report.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _fmt(r: dict[str, float]) -> str:
     return f"{r['max_abs_diff']:.2e} / {100 * r['agreement']:.0f}%"
 
@@ -651,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "legacy_quant": "working tree" if args.current_quant else "commit",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "environment": {
-            "cpu": _cpu_model(),
+            "cpu": bench_lib.cpu_model(),
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "jax": jax.__version__,
             "flax": flax.__version__,

@@ -118,10 +118,23 @@ class QuantizedModel(nnx.Module):
         """Full precision, in whatever mode ``net`` is (see :func:`apply_model`)."""
         return self.net(x)
 
-    def quantized_fn(self) -> transform.QuantizedFn:
-        """The transformed program of ``net`` in inference mode (cached; shapes only)."""
+    def program(
+        self, x_shape: Sequence[int] | None = None
+    ) -> tuple[transform.QuantizedFn, nnx.State]:
+        """``net``'s transformed program in inference mode (cached; shapes only) and its state.
+
+        Args:
+          x_shape: per-example input shape (default ``input_shape``).
+
+        Returns:
+          ``(qfn, state)``: call ``qfn(state, x, bits)`` or ``qfn.run_segments(state, ...)``.
+        """
         graphdef, state = _eval_split(self.net)
-        return quantized_fn(graphdef, state, self)
+        return quantized_fn(graphdef, state, self, x_shape), state
+
+    def quantized_fn(self) -> transform.QuantizedFn:
+        """The transformed program of ``net`` in inference mode at ``input_shape``."""
+        return self.program()[0]
 
     @property
     def num_sites(self) -> int:
@@ -344,9 +357,7 @@ def quantized_program(
     Returns:
       ``(qfn, state)``: call ``qfn(state, x, bits)`` or ``qfn.run_segments(state, ...)``.
     """
-    model = nnx.merge(graphdef, params, rest)
-    eval_graphdef, state = _eval_split(model.net)
-    return quantized_fn(eval_graphdef, state, model, x_shape), state
+    return nnx.merge(graphdef, params, rest).program(x_shape)
 
 
 def _call_net(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
@@ -505,8 +516,7 @@ def _apply(graphdef, params, rest, x, bits, *, train, frozen_bn, quant_mode):
         logits = model.net(x)
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return logits, new_rest
-    eval_graphdef, state = _eval_split(model.net)
-    qfn = quantized_fn(eval_graphdef, state, model, x.shape[1:])
+    qfn, state = model.program(x.shape[1:])
     return qfn(state, x, bits, mode=quant_mode), rest
 
 

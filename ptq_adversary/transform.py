@@ -687,23 +687,10 @@ class QuantizedFn:
                 self._batched[batch] = None
                 return None
             axes = _batch_axes(self._program, ops, builder.avals, batch)
-            program = None
-            if axes is not None:
-                program = _analyse(
-                    _Program(
-                        ops=tuple(ops),
-                        param_ids=tuple(param_ids),
-                        x_id=x_id,
-                        out_refs=tuple(out_refs),
-                        const_values=dict(builder.const_values),
-                        xdep=dict(builder.xdep),
-                        avals=dict(builder.avals),
-                        site_ops=self._program.site_ops,
-                        weight_bits=self._program.weight_bits,
-                        batch_axes=axes,
-                    )
-                )
-            self._batched[batch] = program
+            self._batched[batch] = None if axes is None else _make_program(
+                builder, ops, param_ids, x_id, out_refs,
+                self._program.site_ops, self._program.weight_bits, axes,
+            )  # fmt: skip
         return self._batched[batch]
 
     def _segments(self, leaves, live_in, bits_l, start: int, stop: int, mode: str):
@@ -762,12 +749,14 @@ class QuantizedFn:
 
 
 def _site_name(
-    program_ops, builder: _Builder, op: _Op, param_paths: dict[int, str], index: int
+    producer: dict[int, _Op], builder: _Builder, op: _Op, param_paths: dict[int, str], index: int
 ) -> str:
-    """The module path of the site's weight, or the equation's name stack, or a generated name."""
+    """The module path of the site's weight, or the equation's name stack, or a generated name.
+
+    ``producer``: value id -> the op that computes it.
+    """
     if op.weight is not None:
         ref = op.ins[op.weight]
-        producer = {r: o for o in program_ops for r in o.outs}
         # follow parameter-only unary ops (casts, reshapes, transposes) back to a leaf
         while not isinstance(ref, _Lit) and ref in producer:
             nxt = [r for r in producer[ref].ins if not isinstance(r, _Lit) and not builder.xdep[r]]
@@ -854,6 +843,26 @@ def _out_batch_axis(eqn: Any, data: tuple[int, ...], in_axes, ndims) -> int | No
         free = [k for k in range(ndims[d]) if k not in contract and k not in batch]
         found.add(len(lb) + (0 if d == 0 else len(lhs_free)) + free.index(a))
     return found.pop() if len(found) == 1 else None
+
+
+def _make_program(
+    builder, ops, param_ids, x_id, out_refs, site_ops, weight_bits, batch_axes=None
+) -> _Program:
+    """The :class:`_Program` of a flattened trace, cut at its sites (:func:`_analyse`)."""
+    return _analyse(
+        _Program(
+            ops=tuple(ops),
+            param_ids=tuple(param_ids),
+            x_id=x_id,
+            out_refs=tuple(out_refs),
+            const_values=dict(builder.const_values),
+            xdep=dict(builder.xdep),
+            avals=dict(builder.avals),
+            site_ops=tuple(site_ops),
+            weight_bits=weight_bits,
+            batch_axes=batch_axes,
+        )
+    )
 
 
 def _batch_axes(reference: _Program, ops_b, avals_b, batch: int):
@@ -974,18 +983,8 @@ def quantize(
             )
             + ", so bits would have no effect"
         )
-    program = _Program(
-        ops=tuple(ops),
-        param_ids=tuple(param_ids),
-        x_id=x_id,
-        out_refs=tuple(out_refs),
-        const_values=dict(builder.const_values),
-        xdep=dict(builder.xdep),
-        avals=dict(builder.avals),
-        site_ops=site_ops,
-        weight_bits=None if weight_bits is None else int(weight_bits),
-    )
-    program = _analyse(program)
+    weight_bits = None if weight_bits is None else int(weight_bits)
+    program = _make_program(builder, ops, param_ids, x_id, out_refs, site_ops, weight_bits)
 
     paths = {
         pid: _path_name(path) for pid, (path, _) in zip(param_ids, leaves_with_path, strict=True)
@@ -1004,9 +1003,10 @@ def quantize(
     }
     total = max(sum(flops.values()), 1)
     sites, seen = [], {}
+    producer = {r: o for o in ops for r in o.outs}
     for i in site_ops:
         op = ops[i]
-        name = _site_name(ops, builder, op, paths, op.site)
+        name = _site_name(producer, builder, op, paths, op.site)
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}#{seen[name]}"
