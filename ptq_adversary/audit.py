@@ -16,6 +16,13 @@ the audit evaluates budget-feasible per-example bit allocations found by several
   the pipeline's input-conditioned policy (:class:`~ptq_adversary.policy_net.PolicyNet`)
   trained by REINFORCE against the frozen network: the damage a *deployable* policy (a function
   of the input) achieves, as opposed to a per-example oracle.
+``certify``
+  branch and bound over the allocations (:func:`ptq_adversary.certify.certify`): per example a
+  proof that no feasible allocation misclassifies it (sound interval bounds through the rest of
+  the program prune whole subtrees), or a misclassifying allocation (the other methods' finds
+  are tried first), or, past its node or time limit, neither. Its ``certified_accuracy`` is a
+  lower bound of the worst-case accuracy and its ``accuracy`` an upper one: the bracket, exact
+  when they meet. Works at any number of sites; it only gets slower.
 ``exhaustive``
   every feasible allocation for every example when there are at most ``max_allocations``: the
   exact per-example worst case (the oracle). Allocations that share a prefix of site bits share
@@ -43,6 +50,7 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
+from ptq_adversary import certify as certify_lib
 from ptq_adversary import data, policy
 from ptq_adversary.models import (
     QuantizedModel,
@@ -54,6 +62,7 @@ from ptq_adversary.models import (
     quantized_program,
     split_model,
 )
+from ptq_adversary.policy import low_bit_starts
 
 __all__ = [
     "METHODS",
@@ -66,7 +75,7 @@ __all__ = [
     "random_search",
 ]
 
-METHODS = ("uniform", "random", "greedy", "beam", "policy", "exhaustive")
+METHODS = ("uniform", "random", "greedy", "beam", "policy", "exhaustive", "certify")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -612,32 +621,6 @@ def _select(pool_idx, pool_loss, width: int):
     return jnp.transpose(idx, (1, 0, 2)), top_loss.T
 
 
-def low_bit_starts(budget: policy.Budget) -> np.ndarray:
-    """One allocation per site that puts that site at the lowest choice.
-
-    Allocation ``i`` gives site ``i`` the lowest bit-width and spreads the rest of the exact
-    bit sum over the other sites as evenly as the choices allow
-    (:func:`policy.uniform_allocation` of the remaining ``L - 1`` sites). Under a fixed budget
-    the damaging allocations concentrate the cut on a few sites, and these are the ``L``
-    single-site extremes: cheap, deterministic starting points for local search.
-
-    Returns:
-      int32 ``[S, L]`` distinct choice indices, ``S <= L`` (sites whose extreme cannot meet the
-      budget are left out; none for ``L = 1``).
-    """
-    L = budget.num_sites
-    if L < 2:
-        return np.zeros((0, L), np.int32)
-    lowest = budget.choices[0]
-    try:
-        rest_budget = policy.Budget(budget.choices, L - 1, (budget.total - lowest) / (L - 1))
-    except policy.InfeasibleBudgetError:
-        return np.zeros((0, L), np.int32)
-    rest = policy.uniform_allocation(rest_budget)
-    starts = [np.insert(rest, i, 0) for i in range(L)]
-    return np.unique(np.stack(starts).astype(np.int32), axis=0)
-
-
 def beam_search(
     model: nnx.Module,
     images: ArrayLike,
@@ -893,8 +876,11 @@ class MethodResult:
       worst_loss: float32 ``[B]``: the largest quantized cross-entropy reached.
       bits: int32 ``[B, L]``: the allocation behind it (for searches, the misclassifying one
         where there is one).
-      evaluations: forward passes per example.
+      evaluations: forward passes per example (``certify``: nodes evaluated per example, on
+        average; most are partial passes).
       seconds: wall time.
+      extra: method-specific headline numbers merged into :meth:`AuditResult.summary`
+        (``certify``: :meth:`~ptq_adversary.certify.CertifyResult.summary`).
     """
 
     accuracy: float
@@ -903,6 +889,7 @@ class MethodResult:
     bits: np.ndarray
     evaluations: int
     seconds: float
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -985,6 +972,7 @@ class AuditResult:
                     "flip_rate": float(m.broken[fp_right].mean()) if fp_right.any() else 0.0,
                     "evaluations_per_example": m.evaluations,
                     "seconds": round(m.seconds, 2),
+                    **m.extra,
                 }
                 for name, m in self.methods.items()
             },
@@ -1019,7 +1007,7 @@ def example_status(result: AuditResult) -> np.ndarray:
 
 
 # Strongest first: where several methods break an example, report the strongest's allocation.
-_STRENGTH = ("exhaustive", "beam", "greedy", "random_search", "policy", "uniform")
+_STRENGTH = ("exhaustive", "certify", "beam", "greedy", "random_search", "policy", "uniform")
 
 
 def _method(tracked: SearchResult, fp_correct: np.ndarray, seconds: float) -> MethodResult:
@@ -1099,6 +1087,9 @@ def audit(
     train_labels: ArrayLike | None = None,
     seed: int = 0,
     example_chunk: int = 128,
+    certify_node_limit: int | None = None,
+    certify_time_limit: float | None = None,
+    certify_bounds: bool | str = "auto",
     progress: bool = True,
 ) -> AuditResult:
     """Audits a frozen model's worst case under dynamic PTQ at a bit budget.
@@ -1142,6 +1133,10 @@ def audit(
         which makes ``policy`` an optimistic, in-sample estimate).
       seed: seeds every random choice.
       example_chunk: examples per compiled call.
+      certify_node_limit, certify_time_limit, certify_bounds: ``certify``'s ``node_limit``
+        (nodes per example), ``time_limit`` (seconds) and ``bounds``
+        (:func:`ptq_adversary.certify.certify`). Its candidate leaves are the allocations the
+        methods run before it found per example, then the uniform and low-bit allocations.
       progress: show progress bars.
 
     Returns:
@@ -1273,6 +1268,30 @@ def audit(
             per_alloc = correct.mean(axis=1)
             worst = int(np.argmin(per_alloc))
             worst_static = {"bits": allocs[worst].tolist(), "accuracy": float(per_alloc[worst])}
+        elif name == "certify":
+            found = [results[k].bits for k in _STRENGTH if k in results]
+            general = certify_lib.default_candidates(bud)
+            cands = np.concatenate([
+                np.stack(found) if found else np.zeros((0, len(labels), num_sites), np.int32),
+                np.broadcast_to(general[:, None], (len(general), len(labels), num_sites)),
+            ])  # fmt: skip
+            cert = certify_lib.certify(
+                model, images, labels, bud, candidates=cands, bounds=certify_bounds,
+                node_limit=certify_node_limit, time_limit=certify_time_limit,
+                example_chunk=max(example_chunk, 256), progress=progress,
+            )  # fmt: skip
+            extra = cert.summary()
+            extra.pop("seconds")
+            uniform = np.asarray(policy.to_bits(policy.uniform_allocation(bud), bud))
+            results[name] = MethodResult(
+                cert.accuracy,
+                fp_correct & cert.broken,
+                np.where(np.isfinite(cert.worst_loss), cert.worst_loss, fp_loss),
+                np.where(cert.bits >= 0, cert.bits, uniform[None]).astype(np.int32),
+                int(round(float(cert.nodes.mean()))),
+                time.perf_counter() - t0,
+                extra,
+            )
 
     vulnerable = np.any([m.broken for m in results.values()], axis=0)
     worst_loss = np.max([m.worst_loss for m in results.values()], axis=0)
@@ -1312,6 +1331,7 @@ _METHOD_LABELS = {
     "beam": "beam search",
     "policy": "learned policy",
     "exhaustive": "exhaustive (oracle)",
+    "certify": "certify (branch and bound)",
 }
 
 
@@ -1402,12 +1422,28 @@ def _markdown(result: AuditResult, summary: dict[str, Any], title: str, top: int
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, m in summary["methods"].items():
+        acc = f"{m['accuracy']:.2%}"
+        if "certified_accuracy" in m:  # a bracket: [proved, found]
+            acc = f"[{m['certified_accuracy']:.2%}, {m['accuracy']:.2%}]"
         lines.append(
-            f"| {_METHOD_LABELS.get(name, name)} | {m['accuracy']:.2%} | "
+            f"| {_METHOD_LABELS.get(name, name)} | {acc} | "
             f"{m['drop_points']:.2f} | {m['flip_rate']:.2%} | "
             f"{m['evaluations_per_example']} | {m['seconds']:.1f} |"
         )
     lines.append("")
+    if "certify" in summary["methods"]:
+        c = summary["methods"]["certify"]
+        width = 100 * (c["accuracy"] - c["certified_accuracy"])
+        lines += [
+            f"Certified worst-case accuracy in [{c['certified_accuracy']:.2%}, "
+            f"{c['accuracy']:.2%}] (width {width:.2f} points; "
+            + ("exact" if c["exact"] else f"not closed: {c['stopped']}")
+            + f"): {c['states']['certified']} examples proved correct under every feasible "
+            f"allocation, {c['states']['broken']} broken, {c['states']['unknown']} unknown; "
+            f"{c['nodes']} nodes evaluated, {c['bound_calls']} bounded, {c['pruned']} pruned, "
+            f"{c['leaves']} full allocations.",
+            "",
+        ]
     if summary["random_accuracy"] is not None:
         lines.append(
             f"One random feasible allocation per example: {summary['random_accuracy']:.2%}"
@@ -1516,7 +1552,12 @@ def _accuracy_figure(result: AuditResult):
     fp = 100 * result.fp_accuracy
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.axvline(fp, color="k", ls="--", lw=1, zorder=1, label=f"full precision: {fp:.1f}%")
-    ax.barh([_METHOD_LABELS.get(n, n) for n in names], acc, color="tab:red", zorder=2)
+    labels = [_METHOD_LABELS.get(n, n) for n in names]
+    ax.barh(labels, acc, color="tab:red", zorder=2)
+    proved = [100 * result.methods[n].extra.get("certified_accuracy", np.nan) for n in names]
+    if np.isfinite(proved).any():  # certify: the proved part of its bar, hatched
+        ax.barh(labels, np.nan_to_num(proved), color="darkred", hatch="//", edgecolor="white",
+                zorder=2.5, label="certified (proved)")  # fmt: skip
     ax.set_xlabel("test accuracy under DPTQ (%)")
     ax.set_xlim(0, 105)
     ax.invert_yaxis()

@@ -52,6 +52,7 @@ __all__ = [
     "enumerate_allocations",
     "greedy",
     "log_prob",
+    "low_bit_starts",
     "masked_logits",
     "num_allocations",
     "sample",
@@ -503,3 +504,29 @@ def to_bits(bit_idx: ArrayLike, budget: Budget) -> jax.Array:
       int32 array of ``bit_idx``'s shape.
     """
     return jnp.asarray(budget.choices, jnp.int32)[jnp.asarray(bit_idx)]
+
+
+def low_bit_starts(budget: Budget) -> np.ndarray:
+    """One allocation per site that puts that site at the lowest choice.
+
+    Allocation ``i`` gives site ``i`` the lowest bit-width and spreads the rest of the exact
+    bit sum over the other sites as evenly as the choices allow
+    (:func:`uniform_allocation` of the remaining ``L - 1`` sites). Under a fixed budget
+    the damaging allocations concentrate the cut on a few sites, and these are the ``L``
+    single-site extremes: cheap, deterministic starting points for local search.
+
+    Returns:
+      int32 ``[S, L]`` distinct choice indices, ``S <= L`` (sites whose extreme cannot meet the
+      budget are left out; none for ``L = 1``).
+    """
+    L = budget.num_sites
+    if L < 2:
+        return np.zeros((0, L), np.int32)
+    lowest = budget.choices[0]
+    try:
+        rest_budget = Budget(budget.choices, L - 1, (budget.total - lowest) / (L - 1))
+    except InfeasibleBudgetError:
+        return np.zeros((0, L), np.int32)
+    rest = uniform_allocation(rest_budget)
+    starts = [np.insert(rest, i, 0) for i in range(L)]
+    return np.unique(np.stack(starts).astype(np.int32), axis=0)

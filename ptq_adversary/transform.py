@@ -45,6 +45,7 @@ subfuns, ``ClosedJaxpr`` with or without a separate ``Jaxpr``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,6 +63,7 @@ __all__ = [
     "QuantizedFn",
     "Site",
     "TransformError",
+    "UnsupportedPrimitiveError",
     "quantize",
 ]
 
@@ -445,11 +447,17 @@ def _linear_op(program: _Program, index: int, invals: list, bits, mode: str) -> 
             axis = in_axes[k] if batched else None
             rows = quant.fake_quant_activation(_per_example(invals[d], axis), site_bits)
             invals[d] = _from_per_example(rows, invals[d], axis)
-    if op.weight is not None and wb is not None:
-        w = invals[op.weight]
-        axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
-        invals[op.weight] = quant.fake_quant_weight(w, wb, channel_axis=axes)
+    if op.weight is not None:
+        invals[op.weight] = _prepared_weight(program, op, invals[op.weight])
     return _bind(op.eqn, invals)
+
+
+def _prepared_weight(program: _Program, op: _Op, w: jax.Array) -> jax.Array:
+    """A conv/dot's parameter operand as the quantized program uses it (fake-quantized)."""
+    if program.weight_bits is None:
+        return w
+    axes = _weight_channel_axes(op.eqn, op.weight, w.ndim)
+    return quant.fake_quant_weight(w, program.weight_bits, channel_axis=axes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -533,6 +541,275 @@ def _evaluate(program: _Program, leaves, live_in, bits, start: int, stop: int, m
         _run_ops(program, program.seg_ops[k], env, bits, mode)
     refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
     return tuple(r.value if isinstance(r, _Lit) else env[r] for r in refs)
+
+
+# ================================================================== interval bounds
+# Sound enclosures of every value of the quantized program over a set of allocations (the
+# ``bound`` mode of :meth:`QuantizedFn.bound_segments`). A value is either exact (an array) or
+# a :class:`_Box` ``[lo, hi]``, elementwise. Rules are interval arithmetic (IBP), computed in
+# the value's float dtype and then widened by a bound on the rounding error of the operation,
+# so that the enclosure also holds for what the float program computes.
+
+_U = 2.0**-23  # twice float32's unit roundoff: one rounding, with margin
+
+
+class _Box(tuple):
+    """``(lo, hi)``: an elementwise enclosure of an x-dependent value (``lo <= hi``)."""
+
+    __slots__ = ()
+
+    def __new__(cls, lo, hi):
+        return super().__new__(cls, (lo, hi))
+
+    lo = property(lambda self: self[0])
+    hi = property(lambda self: self[1])
+
+
+def _ends(v) -> tuple[Any, Any]:
+    return (v.lo, v.hi) if isinstance(v, _Box) else (v, v)
+
+
+def _widen(lo, hi, err) -> _Box:
+    """``[lo - err, hi + err]`` (``err``: a bound on the rounding error, broadcastable)."""
+    return _Box(lo - err, hi + err)
+
+
+def _ulps(lo, hi, k: float = 1.0) -> _Box:
+    """Widens by ``k`` roundings relative to the magnitude (one elementwise float op)."""
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return _widen(lo, hi, k * _U * mag + jnp.finfo(jnp.result_type(lo)).tiny)
+
+
+class UnsupportedPrimitiveError(TransformError):
+    """The program holds a primitive that interval bounds do not cover."""
+
+
+# Monotone non-decreasing in every operand and exact in float: apply to both ends.
+_MONOTONE_EXACT = {
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
+    "concatenate", "pad", "rev", "copy", "copy_p", "convert_element_type", "reduce_max",
+    "reduce_min", "reduce_window_max", "reduce_window_min", "max", "min", "dynamic_slice",
+    "gather", "cummax", "cummin", "clamp", "reduce_precision", "floor", "ceil", "round",
+    "sign", "dynamic_update_slice",
+}  # fmt: skip
+# ... of those, the ones whose operands from this position on are indices (must be exact)
+_INDEXED = {"dynamic_slice": 1, "gather": 1, "dynamic_update_slice": 2}
+# Monotone non-decreasing unary functions XLA evaluates to a few ulps.
+_MONOTONE_ROUNDED = {
+    "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "cbrt", "erf",
+    "atan", "asinh", "sinh",
+}  # fmt: skip
+# Sums: monotone, with a rounding error of at most (terms + 1) roundings of the magnitude.
+_SUMS = {"reduce_sum", "reduce_window_sum", "cumsum", "add", "add_any"}
+_COMPARE = {"gt", "ge", "lt", "le"}
+
+
+def _sum_terms(eqn, ends) -> int:
+    name = eqn.primitive.name
+    if name == "reduce_sum":
+        shape = _aval(eqn.invars[0]).shape
+        return math.prod(shape[a] for a in eqn.params["axes"]) or 1
+    if name == "reduce_window_sum":
+        return math.prod(eqn.params["window_dimensions"])
+    if name == "cumsum":
+        return _aval(eqn.invars[0]).shape[eqn.params["axis"]]
+    return 2
+
+
+def _box_linear(eqn, vals) -> _Box:
+    """A conv/dot of boxes or exact arrays: centre/radius form, ``|A| r`` radii."""
+    (al, ah), (bl, bh) = _ends(vals[0]), _ends(vals[1])
+    ac, ar = (al + ah) / 2, (ah - al) / 2
+    bc, br = (bl + bh) / 2, (bh - bl) / 2
+    bind = lambda a, b: _bind(eqn, [a, b, *vals[2:]])[0]
+    centre = bind(ac, bc)
+    radius = jnp.zeros_like(centre)
+    if isinstance(vals[1], _Box):
+        radius = radius + bind(jnp.abs(ac), br)
+    if isinstance(vals[0], _Box):
+        radius = radius + bind(ar, jnp.abs(bc))
+    if isinstance(vals[0], _Box) and isinstance(vals[1], _Box):
+        radius = radius + bind(ar, br)
+    # float error of the sums: at most (K + 1) roundings of sum |a||b| (K: terms per output)
+    mag = bind(jnp.abs(ac) + ar, jnp.abs(bc) + br)
+    out = _aval(eqn.outvars[0])
+    terms = _flops(eqn, [_aval(v) for v in eqn.invars], out) // max(2 * math.prod(out.shape), 1)
+    return _widen(centre, centre, radius * (1 + 2 * _U) + (terms + 2) * _U * mag)
+
+
+def _box_eqn(eqn, vals: list, where: str) -> list:
+    """One equation on exact values and boxes (nested programs recursed into)."""
+    if not any(isinstance(v, _Box) for v in vals):
+        return _bind(eqn, vals)
+    name = eqn.primitive.name
+    body = _inline_body(eqn)
+    if body is not None:
+        return _box_program(body, vals, f"{where}/{name}")
+    if name in _MONOTONE_EXACT:
+        if name in _INDEXED and any(isinstance(v, _Box) for v in vals[_INDEXED[name] :]):
+            raise UnsupportedPrimitiveError(
+                f"unsupported primitive {name} with input-dependent indices at {where}"
+            )
+        los = [v.lo if isinstance(v, _Box) else v for v in vals]
+        his = [v.hi if isinstance(v, _Box) else v for v in vals]
+        return [_Box(lo, hi) for lo, hi in zip(_bind(eqn, los), _bind(eqn, his), strict=True)]
+    if name in _MONOTONE_ROUNDED:
+        lo, hi = _ends(vals[0])
+        return [_ulps(_bind(eqn, [lo])[0], _bind(eqn, [hi])[0], 4.0)]
+    if name in _SUMS:
+        los = [_ends(v)[0] for v in vals]
+        his = [_ends(v)[1] for v in vals]
+        lo, hi = _bind(eqn, los)[0], _bind(eqn, his)[0]
+        mags = [jnp.maximum(jnp.abs(a), jnp.abs(b)) for a, b in zip(los, his, strict=True)]
+        mag = _bind(eqn, mags)[0]
+        return [_widen(lo, hi, (_sum_terms(eqn, vals) + 1) * _U * mag)]
+    if name == "neg":
+        lo, hi = _ends(vals[0])
+        return [_Box(-hi, -lo)]
+    if name == "sub":
+        (al, ah), (bl, bh) = _ends(vals[0]), _ends(vals[1])
+        return [_ulps(al - bh, ah - bl)]
+    if name in ("mul", "div"):
+        (al, ah), (bl, bh) = _ends(vals[0]), _ends(vals[1])
+        if name == "div":
+            if isinstance(vals[1], _Box):
+                straddles = (bl <= 0) & (bh >= 0)
+                bl, bh = 1 / bh, 1 / bl  # 1/b is decreasing where b keeps its sign
+                bl, bh = jnp.where(straddles, -jnp.inf, bl), jnp.where(straddles, jnp.inf, bh)
+            else:
+                bl = bh = 1 / bl
+        prods = [al * bl, al * bh, ah * bl, ah * bh]
+        lo, hi = functools.reduce(jnp.minimum, prods), functools.reduce(jnp.maximum, prods)
+        return [_ulps(lo, hi, 3.0 if name == "div" else 1.0)]
+    if name in ("integer_pow", "square"):
+        k = eqn.params.get("y", 2)
+        lo, hi = _ends(vals[0])
+        a, b = lo**k, hi**k
+        if k % 2 == 0:
+            straddles = (lo < 0) & (hi > 0)
+            lo2 = jnp.where(straddles, 0.0, jnp.minimum(a, b))
+            return [_ulps(lo2, jnp.maximum(a, b), float(abs(k)))]
+        return [_ulps(jnp.minimum(a, b), jnp.maximum(a, b), float(abs(k)))]
+    if name == "abs":
+        lo, hi = _ends(vals[0])
+        straddles = (lo < 0) & (hi > 0)
+        small = jnp.where(straddles, 0.0, jnp.minimum(jnp.abs(lo), jnp.abs(hi)))
+        return [_Box(small, jnp.maximum(jnp.abs(lo), jnp.abs(hi)))]
+    if name == "rsqrt":
+        lo, hi = _ends(vals[0])
+        return [_ulps(_bind(eqn, [hi])[0], _bind(eqn, [lo])[0], 4.0)]
+    if name in _COMPARE:
+        (al, ah), (bl, bh) = _ends(vals[0]), _ends(vals[1])
+        if name in ("gt", "ge"):
+            al, ah, bl, bh = bl, bh, al, ah  # a > b  <=>  b < a
+        strict = name in ("gt", "lt")
+        surely = (ah < bl) if strict else (ah <= bl)
+        maybe = (al < bh) if strict else (al <= bh)
+        return [_Box(surely, maybe)]  # boolean box: (surely true, possibly true)
+    if name == "select_n":
+        pred, cases = vals[0], vals[1:]
+        ends = [_ends(c) for c in cases]
+        if not isinstance(pred, _Box):
+            lo = _bind(eqn, [pred, *[e[0] for e in ends]])[0]
+            hi = _bind(eqn, [pred, *[e[1] for e in ends]])[0]
+            return [_Box(lo, hi)]
+        if len(cases) != 2:
+            raise UnsupportedPrimitiveError(f"unsupported primitive {name} (n-ary) at {where}")
+        surely, maybe = pred
+        union_lo = jnp.minimum(ends[0][0], ends[1][0])
+        union_hi = jnp.maximum(ends[0][1], ends[1][1])
+        lo = jnp.where(surely, ends[1][0], jnp.where(maybe, union_lo, ends[0][0]))
+        hi = jnp.where(surely, ends[1][1], jnp.where(maybe, union_hi, ends[0][1]))
+        return [_Box(lo, hi)]
+    if _is_conv(eqn) or _is_dot(eqn):
+        return [_box_linear(eqn, vals)]
+    raise UnsupportedPrimitiveError(
+        f"unsupported primitive {name} at {where}: interval bounds cover conv, dot_general, "
+        "elementwise arithmetic, monotone activations (relu, tanh, sigmoid, ...), BatchNorm in "
+        "inference mode, add/concatenate, pooling and reshapes"
+    )
+
+
+def _box_program(closed, vals: list, where: str) -> list:
+    """A nested program (a call body) on exact values and boxes."""
+    jaxpr, consts = _open(closed)
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, vals, strict=True))
+    read = lambda v: v.val if _is_literal(v) else env[v]
+    for eqn in jaxpr.eqns:
+        outs = _box_eqn(eqn, [read(v) for v in eqn.invars], where)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _quantized_box(v, bits) -> _Box:
+    """Encloses ``fake_quant_activation(x, b)`` for every ``x`` in ``v`` and every ``b >= bits``.
+
+    One example (the per-example program): with ``r`` an upper bound on ``max(hi, 0) -
+    min(lo, 0)``, the step is ``s <= r / (2^bits - 1)``, and ``|x_hat - x| <= s / 2`` (rounding
+    to the nearest level; the zero point is an integer and the clip at the top level moves a
+    value by less than half a step, since ``z = round(-lo / s)``). The float computation of
+    ``x * (1 / s)`` adds at most ``~4 u |x / s|`` steps, and of ``s * (q - z)`` one rounding.
+    The sign of ``x`` is kept: ``x >= 0`` gives ``x_hat >= 0`` and ``x <= 0`` gives
+    ``x_hat <= 0``, so exact zeros stay zero.
+    """
+    lo, hi = _ends(v)
+    r = jnp.maximum(jnp.max(hi), 0.0) - jnp.minimum(jnp.min(lo), 0.0)
+    r = r * (1 + 2 * _U)
+    n = (jnp.left_shift(1, bits) - 1).astype(r.dtype)
+    s = r / n * (1 + 2 * _U)
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    delta = 0.5 * s + 4 * _U * (r + s) + _U * mag
+    qlo = jnp.where(lo >= 0, jnp.maximum(lo - delta, 0.0), lo - delta)
+    qhi = jnp.where(hi <= 0, jnp.minimum(hi + delta, 0.0), hi + delta)
+    return _Box(qlo, qhi)
+
+
+def _quantized_hull(x, bits) -> _Box:
+    """The elementwise hull of ``fake_quant_activation(x, b)`` over ``bits <= b <= 16`` for an
+    exact ``x`` (one example): each quantized value computed, not bounded."""
+    lo = hi = x
+    for b in range(quant.MIN_BITS, quant.MAX_BITS + 1):
+        xq = quant.fake_quant_activation(x, jnp.asarray(b, jnp.int32))
+        lo = jnp.where(b >= bits, jnp.minimum(lo, xq), lo)
+        hi = jnp.where(b >= bits, jnp.maximum(hi, xq), hi)
+    return _Box(lo, hi)
+
+
+def _box_ops(program: _Program, ops: Sequence[int], env: dict[int, Any], bits) -> None:
+    """``program.ops[i] for i in ops`` on exact values and boxes; ``bits`` int ``[L]`` holds
+    each site's smallest bit-width (one example, the per-example program)."""
+    read = lambda ref: ref.value if isinstance(ref, _Lit) else env[ref]
+    for i in ops:
+        op = program.ops[i]
+        vals = [read(r) for r in op.ins]
+        where = _name_stack(op.eqn) or f"op {i} ({op.eqn.primitive.name})"
+        if op.weight is None and op.site is None:
+            outs = _box_eqn(op.eqn, vals, where)
+        else:
+            if op.site is not None:
+                for d in op.data:
+                    q = _quantized_hull if not isinstance(vals[d], _Box) else _quantized_box
+                    vals[d] = q(vals[d], bits[op.site])
+            if op.weight is not None:
+                vals[op.weight] = _prepared_weight(program, op, vals[op.weight])
+            outs = _box_eqn(op.eqn, vals, where)
+        for r, v in zip(op.outs, outs, strict=True):
+            env[r] = v
+
+
+def _bound(program: _Program, leaves, live_in, bits, start: int, stop: int):
+    """Segments ``start..stop`` in interval mode: exact values live at ``start`` in, the
+    boxes (``(lo, hi)`` pairs; exact values as ``(v, v)``) live at ``stop`` out."""
+    env: dict[int, Any] = dict(program.const_values)
+    env.update(zip(program.param_ids, leaves, strict=True))
+    names = (program.x_id,) if start == 0 else program.live[start - 1]
+    env.update(zip(names, live_in, strict=True))
+    for k in range(start, stop + 1):
+        _run_ops(program, program.seg_param_ops[k], env, None, "fake")
+        _box_ops(program, program.seg_ops[k], env, bits)
+    refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
+    return tuple(_ends(r.value if isinstance(r, _Lit) else env[r]) for r in refs)
 
 
 # ================================================================== the public surface
@@ -745,6 +1022,51 @@ class QuantizedFn:
         outs = jax.vmap(run)(live, site_bits)
         if stop == self.num_segments - 1:
             return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
+        return outs
+
+    def bound_segments(
+        self, params: Any, live: Any, site_bits: ArrayLike, start: int, stop: int
+    ) -> Any:
+        """Encloses what segments ``start..stop`` compute for every allowed allocation.
+
+        Interval bound propagation (IBP) through the same program as :meth:`run_segments`:
+        the values live at the cut before ``start`` are exact; each site in the segments
+        quantizes its data operand with an error bounded for *every* bit-width of at least
+        ``site_bits[:, l]`` (the step is largest at the smallest one, and the range is bounded
+        from the operand's enclosure); everything downstream is interval arithmetic, widened
+        by the float rounding error of each operation, so the enclosure holds for the float
+        program too (tests/test_certify.py checks it against enumerated allocations).
+
+        Args:
+          params: as for ``__call__``.
+          live: as for :meth:`run_segments` (exact values).
+          site_bits: int ``[B, L]`` or ``[L]``: the smallest bit-width each site may take.
+          start, stop: segment indices, ``0 <= start <= stop <= L``.
+
+        Returns:
+          ``(lo, hi)`` pairs: for ``stop == L`` a pair of ``fn``'s output pytrees (e.g. logit
+          bounds ``[B, C]`` each), else a tuple with one ``(lo, hi)`` per live value.
+
+        Raises:
+          UnsupportedPrimitiveError: a primitive without an interval rule (the error names it
+            and where it is).
+        """
+        if not 0 <= start <= stop < self.num_segments:
+            raise ValueError(f"segments must satisfy 0 <= {start} <= {stop} <= {self.num_sites}")
+        leaves = self._leaves(params)
+        live = (self._check_x(live),) if start == 0 else tuple(live)
+        batch = jnp.shape(live[0])[0]
+        site_bits = jnp.asarray(site_bits)
+        if site_bits.ndim == 1:
+            site_bits = jnp.broadcast_to(site_bits, (batch, self.num_sites))
+        site_bits = self._check_bits(site_bits, batch)
+        lift = (lambda lv: (lv[0][None],)) if start == 0 else (lambda lv: lv)
+        run = lambda lv, b: _bound(self._program, leaves, lift(lv), b, start, stop)
+        outs = jax.vmap(run)(live, site_bits)
+        if stop == self.num_segments - 1:
+            lo = jax.tree.unflatten(self._out_tree, [o[0][:, 0] for o in outs])
+            hi = jax.tree.unflatten(self._out_tree, [o[1][:, 0] for o in outs])
+            return lo, hi
         return outs
 
 

@@ -1,0 +1,498 @@
+r"""Certify the worst case of dynamic PTQ: sound bounds and branch and bound over allocations.
+
+A search (random, greedy, beam, a learned policy) finds allocations that break inputs: an
+*upper* bound on the accuracy under the worst allocation. :func:`certify` also proves the other
+side: for each example, that **no** budget-feasible allocation misclassifies it, or an
+allocation that does, or (within its node and time limits) neither.
+
+The search space is the prefix tree of allocations over the program's cuts
+(:meth:`transform.QuantizedFn.run_segments`): a node at depth ``k`` fixes the bits of sites
+``0..k-1``, and its values live at the cut before site ``k``'s quantizer are computed exactly,
+as the prefix-shared enumeration computes them. At a node
+
+* the remaining sites may take every bit-width the remaining budget allows them; interval
+  bounds through the rest of the program (:meth:`transform.QuantizedFn.bound_segments`) enclose
+  the logits for all of them at once, and the node is **certified** (its subtree pruned) when
+  the true class's lower bound exceeds every other class's upper bound;
+* otherwise its children (one per feasible bit-width of site ``k``) are computed. A node whose
+  remaining bits are forced by the budget (always the last site, under an exact budget) is a
+  **leaf**: its allocation is evaluated exactly, and an example is **broken** as soon as one
+  leaf misclassifies it; its other nodes are dropped.
+
+Before the tree, ``candidates`` (e.g. the allocations the audit's searches found, and the
+uniform and low-bit allocations) are evaluated as leaves, so that most breakable examples end
+before any branching. The tree is searched breadth first, every node of a depth (over all
+examples) in the same batched calls, the bits being data (one compile per depth).
+
+Each example ends in one of :data:`STATES`: ``certified`` (no feasible allocation
+misclassifies it: a proof, up to the soundness of the bounds, which the tests check against
+enumeration), ``broken`` (with the allocation) or ``unknown`` (node or time limit reached).
+``certified_accuracy`` is then a sound lower bound of the accuracy under the worst allocation,
+``accuracy`` (correct under every allocation evaluated) an upper bound; they meet when no
+example is unknown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from ptq_adversary import policy
+from ptq_adversary.models import QuantizedModel
+
+__all__ = ["STATES", "CertifyResult", "certify", "default_candidates"]
+
+#: Per-example outcome, indexed by :attr:`CertifyResult.state`.
+STATES = ("certified", "broken", "unknown")
+_CERTIFIED, _BROKEN, _UNKNOWN, _OPEN = 0, 1, 2, 3
+
+#: ``bounds="auto"``: nodes of a depth bounded before deciding whether bounding that depth
+#: pays, and the share of them that must be certified for bounds to stay on there.
+PROBE_NODES = 128
+MIN_PRUNE_RATE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class CertifyResult:
+    """What :func:`certify` proved and found (numpy arrays over ``B`` examples, ``L`` sites).
+
+    Attributes:
+      state: int8 ``[B]``, an index into :data:`STATES`.
+      bits: int32 ``[B, L]``: for a broken example a misclassifying allocation; otherwise the
+        highest-loss allocation evaluated (``-1`` where no leaf was evaluated).
+      worst_loss: float32 ``[B]``: the largest cross-entropy among the leaves evaluated
+        (``-inf`` where none was).
+      nodes: int64 ``[B]``: nodes evaluated per example (exact segment runs: root, inner
+        nodes, leaves and candidates).
+      bound_calls: nodes bounded (one interval pass each).
+      pruned: nodes certified, whose subtrees were never evaluated.
+      leaves: full allocations evaluated exactly.
+      seconds: wall time.
+      stopped: ``""``, or why some examples are unknown (``"node limit"``, ``"time limit"``).
+      bounded_per_depth, pruned_per_depth: int64 ``[L]``: nodes bounded and certified at each
+        depth (depth ``k``: sites ``0..k-1`` fixed).
+    """
+
+    state: np.ndarray
+    bits: np.ndarray
+    worst_loss: np.ndarray
+    nodes: np.ndarray
+    bound_calls: int
+    pruned: int
+    leaves: int
+    seconds: float
+    stopped: str = ""
+    bounded_per_depth: np.ndarray | None = None
+    pruned_per_depth: np.ndarray | None = None
+
+    @property
+    def certified_accuracy(self) -> float:
+        """Share of examples proved correct under every feasible allocation (a lower bound)."""
+        return float(np.mean(self.state == _CERTIFIED))
+
+    @property
+    def accuracy(self) -> float:
+        """Share of examples no evaluated allocation misclassifies (an upper bound)."""
+        return float(np.mean(self.state != _BROKEN))
+
+    @property
+    def exact(self) -> bool:
+        """Whether the bracket is closed (no example unknown)."""
+        return bool(np.all(self.state != _UNKNOWN))
+
+    @property
+    def broken(self) -> np.ndarray:
+        """bool ``[B]``: examples some evaluated allocation misclassifies."""
+        return self.state == _BROKEN
+
+    def states(self) -> np.ndarray:
+        """str ``[B]``: each example's state name."""
+        return np.asarray(STATES)[self.state]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: the bracket, its cost, and the per-example state."""
+        return {
+            "certified_accuracy": self.certified_accuracy,
+            "accuracy": self.accuracy,
+            "exact": self.exact,
+            "nodes": int(self.nodes.sum()),
+            "bound_calls": int(self.bound_calls),
+            "pruned": int(self.pruned),
+            "leaves": int(self.leaves),
+            "seconds": round(self.seconds, 2),
+            "stopped": self.stopped,
+            "bounded_per_depth": _ints(self.bounded_per_depth),
+            "pruned_per_depth": _ints(self.pruned_per_depth),
+            "states": {name: int(np.sum(self.state == i)) for i, name in enumerate(STATES)},
+            "state": self.states().tolist(),
+        }
+
+
+def _ints(a) -> list[int] | None:
+    return None if a is None else [int(v) for v in a]
+
+
+def default_candidates(budget: policy.Budget) -> np.ndarray:
+    """The leaves tried before branching when none are given: the uniform allocation and the
+    low-bit starts (each site alone at its lowest feasible choice): int ``[1 + S, L]`` bits."""
+    idx = np.concatenate([np.asarray(policy.uniform_allocation(budget))[None],
+                          policy.low_bit_starts(budget)])  # fmt: skip
+    return np.unique(np.asarray(policy.to_bits(idx, budget), np.int32), axis=0)
+
+
+# ------------------------------------------------------------------------ compiled steps
+@functools.lru_cache(maxsize=256)
+def _step(qfn, kind: str, start: int):
+    """One jitted batch step from the cut before segment ``start`` (cached per program).
+
+    ``kind``: ``"seg"`` (segment ``start``'s exact values), ``"leaf"`` (segments
+    ``start..L`` exactly: loss and correctness) or ``"bound"`` (segments ``start..L`` in
+    interval mode: the lower bound of the margin, true logit minus every other).
+    """
+    last = qfn.num_segments - 1
+
+    if kind == "seg":
+        return jax.jit(lambda state, live, bits: qfn.run_segments(state, live, bits, start, start))
+
+    if kind == "leaf":
+
+        def leaf(state, live, bits, labels):
+            logits = qfn.run_segments(state, live, bits, start, last)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return loss, jnp.argmax(logits, -1) == labels
+
+        return jax.jit(leaf)
+
+    def bound(state, live, bits, labels):
+        lo, hi = qfn.bound_segments(state, live, bits, start, last)
+        true_lo = jnp.take_along_axis(lo, labels[:, None], -1)[:, 0]
+        others = jnp.where(jax.nn.one_hot(labels, hi.shape[-1], dtype=bool), -jnp.inf, hi)
+        return true_lo - jnp.max(others, -1)
+
+    return jax.jit(bound)
+
+
+def _bucket(n: int, chunk: int) -> int:
+    """Rows per call for ``n <= chunk`` rows: a power of two from 32 up, at most ``chunk`` (few
+    compiles, little padding)."""
+    size = 32
+    while size < n:
+        size *= 2
+    return min(size, chunk)
+
+
+def _batched(fn, state, live, index: np.ndarray, bits: np.ndarray, labels, chunk: int, deadline):
+    """``fn`` on the rows ``live[index]`` with ``bits`` (numpy ``[N, L]``) and ``labels``
+    (numpy ``[N]`` or ``None``), in padded chunks.
+
+    Returns the concatenated outputs (a tuple of per-row arrays: device arrays for live values,
+    numpy for the rest) or ``None`` once ``deadline`` (a ``time.perf_counter`` value) passes.
+    """
+    n = len(index)
+    outs = []
+    for r0 in range(0, n, chunk):
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
+        rows = index[r0 : r0 + chunk]
+        size = _bucket(len(rows), chunk)
+        pad = np.concatenate([rows, np.full(size - len(rows), rows[0], rows.dtype)])
+        b = np.concatenate(
+            [bits[r0 : r0 + chunk], np.repeat(bits[r0 : r0 + 1], size - len(rows), 0)]
+        )
+        # gathered on the host: an eager device gather would compile once per shape
+        sub = jax.tree.map(lambda a, p=pad: np.asarray(a)[p], live)
+        args = (state, sub, np.asarray(b, np.int32))
+        if labels is not None:
+            lab = labels[r0 : r0 + chunk]
+            lab = np.concatenate([lab, np.repeat(lab[:1], size - len(rows))])
+            args = (*args, np.asarray(lab, np.int32))
+        out = fn(*args)
+        k = len(rows)
+        outs.append(jax.tree.map(lambda a, k=k: np.asarray(a)[:k], out))
+    return outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: np.concatenate(a), *outs)
+
+
+# ------------------------------------------------------------------------ the search
+class _Budget:
+    """Feasibility tables of a budget: allowed bits, smallest bit, forced completions."""
+
+    def __init__(self, budget: policy.Budget):
+        self.budget = budget
+        self.choices = np.asarray(budget.choices, np.int64)
+        self.reach = np.asarray(budget.reachable)
+        self.counts = np.asarray(budget.counts)
+        self.L = budget.num_sites
+        self._completions: dict[tuple[int, int], list[int]] = {}
+
+    def allowed(self, sites_left: int, remaining: np.ndarray) -> np.ndarray:
+        """bool ``[N, K]``: choice ``c`` feasible at the next site of ``sites_left`` remaining
+        (sum ``remaining`` over them)."""
+        rest = remaining[:, None] - self.choices[None]
+        ok = (rest >= 0) & (rest < self.reach.shape[1])
+        return ok & self.reach[sites_left - 1, np.clip(rest, 0, self.reach.shape[1] - 1)]
+
+    def smallest(self, sites_left: int, remaining: np.ndarray) -> np.ndarray:
+        """int ``[N]``: the smallest bit any of the ``sites_left`` sites may take."""
+        ok = self.allowed(sites_left, remaining)
+        return self.choices[np.argmax(ok, axis=1)]
+
+    def forced(self, sites_left: int, remaining: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: exactly one completion exists."""
+        return self.counts[sites_left, remaining] == 1
+
+    def completion(self, sites_left: int, remaining: int) -> list[int]:
+        """The unique completion of a forced node (cached)."""
+        key = (sites_left, remaining)
+        if key in self._completions:
+            return self._completions[key]
+        bits = []
+        for left in range(sites_left, 0, -1):
+            ok = self.allowed(left, np.asarray([remaining]))[0]
+            c = int(self.choices[np.argmax(ok)])
+            bits.append(c)
+            remaining -= c
+        self._completions[key] = bits
+        return bits
+
+
+def certify(
+    model: QuantizedModel,
+    images: ArrayLike,
+    labels: ArrayLike,
+    budget: policy.Budget,
+    *,
+    candidates: ArrayLike | None = None,
+    bounds: bool | str = "auto",
+    node_limit: int | None = None,
+    time_limit: float | None = None,
+    example_chunk: int = 512,
+    row_chunk: int = 256,
+    progress: bool = False,
+) -> CertifyResult:
+    """Branch and bound over the bit allocations of a budget: per example, certified robust,
+    broken, or unknown.
+
+    Args:
+      model: a :class:`~ptq_adversary.models.QuantizedModel` (any network through
+        :func:`~ptq_adversary.models.as_quantized_model`).
+      images: float ``[B, ...]`` as the model expects them; labels: int ``[B]``.
+      budget: the :class:`~ptq_adversary.policy.Budget` (choices, sites, exact mean).
+      candidates: int bits tried as leaves first: ``[M, L]`` (the same for every example) or
+        ``[M, B, L]`` (per example, e.g. what searches found); default
+        :func:`default_candidates`.
+      bounds: bound inner nodes and prune the certified ones. ``False``: the tree is searched
+        down to every leaf of an unbroken example (the exact answer by break-pruning alone);
+        ``"auto"`` (default): at each depth the first :data:`PROBE_NODES` nodes are bounded,
+        and bounding stays on at that depth only if at least :data:`MIN_PRUNE_RATE` of them
+        were certified (bounds that certify nothing only cost time).
+      node_limit: most nodes per example (its state is ``unknown`` past it).
+      time_limit: seconds; open examples are ``unknown`` once it is reached.
+      example_chunk: examples searched together (memory: a depth's live values).
+      row_chunk: nodes per compiled call.
+      progress: a progress bar over example chunks.
+
+    Returns:
+      A :class:`CertifyResult`.
+    """
+    t0 = time.perf_counter()
+    deadline = None if time_limit is None else t0 + float(time_limit)
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    n, num_sites = len(labels), budget.num_sites
+    qfn, state = model.program()
+    if qfn.num_sites != num_sites:
+        raise ValueError(f"budget has {num_sites} sites, the model {qfn.num_sites}")
+    cands = default_candidates(budget) if candidates is None else np.asarray(candidates, np.int32)
+    if cands.ndim == 2:
+        cands = np.broadcast_to(cands[:, None], (len(cands), n, num_sites))
+    if cands.ndim != 3 or cands.shape[1:] != (n, num_sites):
+        raise ValueError(
+            f"candidates must be [M, L] or [M, B={n}, L={num_sites}], got {cands.shape}"
+        )
+    tables = _Budget(budget)
+    out = _Out(n, num_sites)
+    chunks = range(0, n, example_chunk)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="certify", unit="ex")
+    for e0 in chunks:
+        sl = slice(e0, min(e0 + example_chunk, n))
+        _search(qfn, state, images[sl], labels[sl], cands[:, sl], tables, out, sl, bounds,
+                node_limit, deadline, row_chunk)  # fmt: skip
+        if bar is not None:
+            bar.update(sl.stop - sl.start)
+            bar.set_postfix(certified=int((out.state == _CERTIFIED).sum()),
+                            broken=int((out.state == _BROKEN).sum()))  # fmt: skip
+    if bar is not None:
+        bar.close()
+    stopped = ""
+    if (out.state == _UNKNOWN).any():
+        stopped = "time limit" if out.timed_out else "node limit"
+    return CertifyResult(
+        state=out.state.astype(np.int8),
+        bits=out.bits,
+        worst_loss=out.worst_loss,
+        nodes=out.nodes,
+        bound_calls=int(out.bounded.sum()),
+        pruned=int(out.pruned_at.sum()),
+        bounded_per_depth=out.bounded,
+        pruned_per_depth=out.pruned_at,
+        leaves=out.leaves,
+        seconds=time.perf_counter() - t0,
+        stopped=stopped,
+    )
+
+
+class _Out:
+    """The mutable per-example record of a search."""
+
+    def __init__(self, n: int, num_sites: int):
+        self.state = np.full(n, _OPEN, np.int64)
+        self.bits = np.full((n, num_sites), -1, np.int32)
+        self.worst_loss = np.full(n, -np.inf, np.float32)
+        self.nodes = np.zeros(n, np.int64)
+        self.leaves = 0
+        self.timed_out = False
+        self.bounded = np.zeros(num_sites, np.int64)  # nodes bounded per depth
+        self.pruned_at = np.zeros(num_sites, np.int64)  # ... and certified
+        self.decided: list[bool | None] = [None] * num_sites  # bounds="auto": bound depth k?
+
+    def record_leaves(self, ex: np.ndarray, bits: np.ndarray, loss, correct) -> None:
+        """Leaves of examples ``ex`` (global indices, possibly repeated) evaluated exactly."""
+        loss, correct = np.asarray(loss, np.float32), np.asarray(correct, bool)
+        self.leaves += len(ex)
+        order = np.lexsort((-loss, correct))  # misclassifying first, then by loss
+        for i in order:  # first occurrence per example wins
+            e = ex[i]
+            if self.state[e] == _BROKEN:
+                continue
+            if not correct[i]:
+                self.state[e] = _BROKEN
+                self.bits[e] = bits[i]
+                self.worst_loss[e] = max(self.worst_loss[e], loss[i])
+            elif loss[i] > self.worst_loss[e]:
+                self.worst_loss[e] = loss[i]
+                self.bits[e] = bits[i]
+
+
+def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, bounds,
+            node_limit, deadline, chunk: int) -> None:  # fmt: skip
+    """Branch and bound for the examples ``sl`` (``x``, ``y``, ``cands [M, E, L]``)."""
+    num_sites, e0 = tables.L, sl.start
+    local = np.arange(len(y))
+    glob = local + e0
+
+    def stop_all() -> None:
+        open_ = out.state[sl] == _OPEN
+        out.state[sl][open_] = _UNKNOWN
+        out.timed_out = True
+
+    # candidates: full allocations as leaves on the images
+    x_live = (x,)
+    for cand in cands:
+        rows = local[out.state[glob] == _OPEN]
+        if not len(rows):
+            return
+        res = _batched(_step(qfn, "leaf", 0), state, x_live[0], rows, cand[rows], y[rows], chunk,
+                       deadline)  # fmt: skip
+        if res is None:
+            return stop_all()
+        out.nodes[glob[rows]] += 1
+        out.record_leaves(glob[rows], cand[rows], *res)
+
+    # the root: segment 0 (no bits) for every open example
+    rows = local[out.state[glob] == _OPEN]
+    if not len(rows):
+        return
+    zeros = np.zeros((len(rows), num_sites), np.int32)
+    live = _batched(_step(qfn, "seg", 0), state, x, rows, zeros, None, chunk, deadline)
+    if live is None:
+        return stop_all()
+    out.nodes[glob[rows]] += 1
+    ex = rows  # the example (local index) of each node at this depth
+    prefix = zeros  # [N, L]: bits of the fixed sites (the rest 0)
+    remaining = np.full(len(rows), tables.budget.total, np.int64)
+
+    for k in range(num_sites):
+        keep = out.state[glob[ex]] == _OPEN  # examples broken or stopped lose their nodes
+        idx = np.flatnonzero(keep)
+        use = bounds if bounds != "auto" else out.decided[k]
+        if use is not False and len(idx):
+            if use is None:  # auto, undecided: bound a probe of this depth's nodes first
+                probe, rest = idx[:PROBE_NODES], idx[PROBE_NODES:]
+            else:
+                probe, rest = idx, idx[:0]
+            for part in (probe, rest):
+                if not len(part):
+                    continue
+                bits = prefix[part].copy()
+                bits[:, k:] = tables.smallest(num_sites - k, remaining[part])[:, None]
+                margin = _batched(_step(qfn, "bound", k + 1), state, live, part, bits,
+                                  y[ex[part]], chunk, deadline)  # fmt: skip
+                if margin is None:
+                    return stop_all()
+                safe = np.asarray(margin) > 0
+                out.bounded[k] += len(part)
+                out.pruned_at[k] += int(safe.sum())
+                keep[part[safe]] = False
+                if out.decided[k] is None and bounds == "auto":
+                    out.decided[k] = bool(out.pruned_at[k] >= MIN_PRUNE_RATE * out.bounded[k])
+                    if not out.decided[k]:
+                        break
+        # children: every feasible bit-width of site k
+        ok = tables.allowed(num_sites - k, remaining) & keep[:, None]
+        parent, which = np.nonzero(ok)
+        c = tables.choices[which]
+        if node_limit is not None and len(parent):
+            per_ex = np.bincount(ex[parent], minlength=len(y))
+            over = out.nodes[glob] + per_ex > node_limit
+            over &= out.state[glob] == _OPEN
+            if over.any():
+                out.state[glob[over]] = _UNKNOWN
+                alive = ~over[ex[parent]]
+                parent, c = parent[alive], c[alive]
+        if not len(parent):
+            break
+        child_ex = ex[parent]
+        child_prefix = prefix[parent].copy()
+        child_prefix[:, k] = c
+        child_rem = remaining[parent] - c
+        np.add.at(out.nodes, glob[child_ex], 1)
+        sites_left = num_sites - k - 1
+        leaf = (
+            np.ones(len(parent), bool) if sites_left == 0 else tables.forced(sites_left, child_rem)
+        )
+        if leaf.any():
+            li = np.flatnonzero(leaf)
+            full = child_prefix[li].copy()
+            for j, i in enumerate(li):
+                if sites_left:
+                    full[j, k + 1 :] = tables.completion(sites_left, int(child_rem[i]))
+            res = _batched(_step(qfn, "leaf", k + 1), state, live, parent[li], full,
+                           y[child_ex[li]], chunk, deadline)  # fmt: skip
+            if res is None:
+                return stop_all()
+            out.record_leaves(glob[child_ex[li]], full, *res)
+        inner = np.flatnonzero(~leaf & (out.state[glob[child_ex]] == _OPEN))
+        if not len(inner):
+            ex = np.zeros(0, np.int64)
+            break
+        new_live = _batched(_step(qfn, "seg", k + 1), state, live, parent[inner],
+                            child_prefix[inner], None, chunk, deadline)  # fmt: skip
+        if new_live is None:
+            return stop_all()
+        live, ex = new_live, child_ex[inner]
+        prefix, remaining = child_prefix[inner], child_rem[inner]
+    # every node of an example still open was certified or evaluated to a correct leaf
+    done = out.state[sl] == _OPEN
+    out.state[glob[done]] = _CERTIFIED
