@@ -55,7 +55,8 @@ STATES = ("certified", "broken", "unknown")
 _CERTIFIED, _BROKEN, _UNKNOWN, _OPEN = 0, 1, 2, 3
 
 #: ``bounds="auto"``: nodes of a depth bounded before deciding whether bounding that depth
-#: pays, and the share of them that must be certified for bounds to stay on there.
+#: pays (:meth:`_Out.pays`), and the share of them that must be certified for bounds to stay
+#: on there when no timing is available.
 PROBE_NODES = 128
 MIN_PRUNE_RATE = 0.05
 
@@ -150,12 +151,15 @@ def default_candidates(budget: policy.Budget) -> np.ndarray:
 
 # ------------------------------------------------------------------------ compiled steps
 @functools.lru_cache(maxsize=256)
-def _step(qfn, kind: str, start: int):
+def _step(qfn, kind: str, start: int, choices: tuple[int, ...] = (), total: int = 0):
     """One jitted batch step from the cut before segment ``start`` (cached per program).
 
     ``kind``: ``"seg"`` (segment ``start``'s exact values), ``"leaf"`` (segments
-    ``start..L`` exactly: loss and correctness) or ``"bound"`` (segments ``start..L`` in
-    interval mode: the lower bound of the margin, true logit minus every other).
+    ``start..L`` exactly: loss and correctness), ``"interval"`` (segments ``start..L`` in
+    interval mode: the lower bound of the margin, true logit minus every other) or
+    ``"linear"`` (the same bound tightened by the linear relaxation, the first site split per
+    choice and the budget coupled: :meth:`~ptq_adversary.transform.QuantizedFn.bound_margins`
+    with ``choices`` and the bits left of ``total`` after the prefix).
     """
     last = qfn.num_segments - 1
 
@@ -172,10 +176,13 @@ def _step(qfn, kind: str, start: int):
         return jax.jit(leaf)
 
     def bound(state, live, bits, labels):
-        lo, hi = qfn.bound_segments(state, live, bits, start, last)
-        true_lo = jnp.take_along_axis(lo, labels[:, None], -1)[:, 0]
-        others = jnp.where(jax.nn.one_hot(labels, hi.shape[-1], dtype=bool), -jnp.inf, hi)
-        return true_lo - jnp.max(others, -1)
+        if kind == "interval":
+            return jnp.min(qfn.bound_margins(state, live, labels, bits, start), -1)
+        remaining = total - jnp.sum(bits[:, : start - 1], axis=1)
+        margins = qfn.bound_margins(
+            state, live, labels, bits, start, choices=choices, remaining=remaining
+        )
+        return jnp.min(margins, -1)
 
     return jax.jit(bound)
 
@@ -189,12 +196,15 @@ def _bucket(n: int, chunk: int) -> int:
     return min(size, chunk)
 
 
-def _batched(fn, state, live, index: np.ndarray, bits: np.ndarray, labels, chunk: int, deadline):
+def _batched(fn, state, live, index: np.ndarray, bits: np.ndarray, labels, chunk: int, deadline,
+             timer: dict | None = None):  # fmt: skip
     """``fn`` on the rows ``live[index]`` with ``bits`` (numpy ``[N, L]``) and ``labels``
     (numpy ``[N]`` or ``None``), in padded chunks.
 
     Returns the concatenated outputs (a tuple of per-row arrays: device arrays for live values,
     numpy for the rest) or ``None`` once ``deadline`` (a ``time.perf_counter`` value) passes.
+    ``timer``: ``{fn: [seconds, rows]}`` accumulated over calls of a shape already compiled
+    (``timer["seen"]`` holds the shapes seen).
     """
     n = len(index)
     outs = []
@@ -214,9 +224,17 @@ def _batched(fn, state, live, index: np.ndarray, bits: np.ndarray, labels, chunk
             lab = labels[r0 : r0 + chunk]
             lab = np.concatenate([lab, np.repeat(lab[:1], size - len(rows))])
             args = (*args, np.asarray(lab, np.int32))
+        t = time.perf_counter()
         out = fn(*args)
         k = len(rows)
         outs.append(jax.tree.map(lambda a, k=k: np.asarray(a)[:k], out))
+        if timer is not None:
+            seen = timer.setdefault("seen", set())
+            if (fn, size) in seen:
+                acc = timer.setdefault(fn, [0.0, 0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += size
+            seen.add((fn, size))
     return outs[0] if len(outs) == 1 else jax.tree.map(lambda *a: np.concatenate(a), *outs)
 
 
@@ -271,6 +289,7 @@ def certify(
     *,
     candidates: ArrayLike | None = None,
     bounds: bool | str = "auto",
+    relaxation: str = "linear",
     node_limit: int | None = None,
     time_limit: float | None = None,
     example_chunk: int = 512,
@@ -291,8 +310,13 @@ def certify(
       bounds: bound inner nodes and prune the certified ones. ``False``: the tree is searched
         down to every leaf of an unbroken example (the exact answer by break-pruning alone);
         ``"auto"`` (default): at each depth the first :data:`PROBE_NODES` nodes are bounded,
-        and bounding stays on at that depth only if at least :data:`MIN_PRUNE_RATE` of them
-        were certified (bounds that certify nothing only cost time).
+        and bounding stays on at that depth only if the subtrees it pruned there would have
+        cost more to evaluate than the bounds cost (measured; bounds that certify little
+        only cost time).
+      relaxation: ``"linear"`` (default): interval bounds tightened by a CROWN-style linear
+        relaxation, the node's first site split over its choices and the budget coupled
+        across sites (:meth:`~ptq_adversary.transform.QuantizedFn.bound_margins`);
+        ``"interval"``: interval bounds alone (IBP), cheaper and looser.
       node_limit: most nodes per example (its state is ``unknown`` past it).
       time_limit: seconds; open examples are ``unknown`` once it is reached.
       example_chunk: examples searched together (memory: a depth's live values).
@@ -302,6 +326,10 @@ def certify(
     Returns:
       A :class:`CertifyResult`.
     """
+    if relaxation not in ("linear", "interval"):
+        raise ValueError(f"relaxation must be 'linear' or 'interval', got {relaxation!r}")
+    if bounds not in (True, False, "auto"):
+        raise ValueError(f"bounds must be True, False or 'auto', got {bounds!r}")
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + float(time_limit)
     images = np.asarray(images, np.float32)
@@ -328,7 +356,7 @@ def certify(
     for e0 in chunks:
         sl = slice(e0, min(e0 + example_chunk, n))
         _search(qfn, state, images[sl], labels[sl], cands[:, sl], tables, out, sl, bounds,
-                node_limit, deadline, row_chunk)  # fmt: skip
+                relaxation, node_limit, deadline, row_chunk)  # fmt: skip
         if bar is not None:
             bar.update(sl.stop - sl.start)
             bar.set_postfix(certified=int((out.state == _CERTIFIED).sum()),
@@ -366,6 +394,28 @@ class _Out:
         self.bounded = np.zeros(num_sites, np.int64)  # nodes bounded per depth
         self.pruned_at = np.zeros(num_sites, np.int64)  # ... and certified
         self.decided: list[bool | None] = [None] * num_sites  # bounds="auto": bound depth k?
+        self.timer: dict = {}  # warm seconds and rows per compiled step
+
+    def pays(self, step, k: int, saved: list, qfn) -> bool:
+        """``bounds="auto"``: whether bounding depth ``k`` saves more than it costs.
+
+        From the probe: the share of nodes certified times the leaves each certified node
+        removes (counted exactly from the budget), times the time of a leaf from depth
+        ``k + 1`` (the full-pass candidate leaves' time scaled by the FLOPs share of the
+        sites left), against the time of a bound. Without timings (no candidates, a probe
+        too small to time): bound while at least :data:`MIN_PRUNE_RATE` of the probe was
+        certified.
+        """
+        rows = self.bounded[k]
+        rate = self.pruned_at[k] / max(rows, 1)
+        t_bound = self.timer.get(step)
+        t_leaf = self.timer.get(_step(qfn, "leaf", 0))
+        if t_bound is None or t_leaf is None or not t_bound[1] or not t_leaf[1]:
+            return bool(rate >= MIN_PRUNE_RATE)
+        share = sum(site.flops_share for site in qfn.sites[k:]) or 1.0
+        leaf_s = t_leaf[0] / t_leaf[1] * min(1.0, share)
+        saving = (np.sum(saved) / max(rows, 1)) * leaf_s
+        return bool(saving > t_bound[0] / t_bound[1])
 
     def record_leaves(self, ex: np.ndarray, bits: np.ndarray, loss, correct) -> None:
         """Leaves of examples ``ex`` (global indices, possibly repeated) evaluated exactly."""
@@ -386,7 +436,7 @@ class _Out:
 
 
 def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, bounds,
-            node_limit, deadline, chunk: int) -> None:  # fmt: skip
+            relaxation: str, node_limit, deadline, chunk: int) -> None:  # fmt: skip
     """Branch and bound for the examples ``sl`` (``x``, ``y``, ``cands [M, E, L]``)."""
     num_sites, e0 = tables.L, sl.start
     local = np.arange(len(y))
@@ -404,7 +454,7 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
         if not len(rows):
             return
         res = _batched(_step(qfn, "leaf", 0), state, x_live[0], rows, cand[rows], y[rows], chunk,
-                       deadline)  # fmt: skip
+                       deadline, out.timer)  # fmt: skip
         if res is None:
             return stop_all()
         out.nodes[glob[rows]] += 1
@@ -428,25 +478,27 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
         idx = np.flatnonzero(keep)
         use = bounds if bounds != "auto" else out.decided[k]
         if use is not False and len(idx):
-            if use is None:  # auto, undecided: bound a probe of this depth's nodes first
-                probe, rest = idx[:PROBE_NODES], idx[PROBE_NODES:]
-            else:
-                probe, rest = idx, idx[:0]
-            for part in (probe, rest):
+            step = _step(qfn, relaxation, k + 1, tuple(int(c) for c in tables.choices),
+                         int(tables.budget.total))  # fmt: skip
+            half = PROBE_NODES // 2  # two probe calls of one shape: the second one is timed
+            parts = [idx[:half], idx[half:PROBE_NODES], idx[PROBE_NODES:]] if use is None else [idx]
+            saved = []
+            for j, part in enumerate(parts):
                 if not len(part):
                     continue
                 bits = prefix[part].copy()
                 bits[:, k:] = tables.smallest(num_sites - k, remaining[part])[:, None]
-                margin = _batched(_step(qfn, "bound", k + 1), state, live, part, bits,
-                                  y[ex[part]], chunk, deadline)  # fmt: skip
+                margin = _batched(step, state, live, part, bits, y[ex[part]], chunk, deadline,
+                                  out.timer)  # fmt: skip
                 if margin is None:
                     return stop_all()
                 safe = np.asarray(margin) > 0
                 out.bounded[k] += len(part)
                 out.pruned_at[k] += int(safe.sum())
                 keep[part[safe]] = False
-                if out.decided[k] is None and bounds == "auto":
-                    out.decided[k] = bool(out.pruned_at[k] >= MIN_PRUNE_RATE * out.bounded[k])
+                saved.extend(tables.counts[num_sites - k, remaining[part[safe]]])
+                if use is None and j == 1:  # auto: decide for this depth from the probe
+                    out.decided[k] = out.pays(step, k, saved, qfn)
                     if not out.decided[k]:
                         break
         # children: every feasible bit-width of site k

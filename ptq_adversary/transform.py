@@ -637,14 +637,27 @@ def _box_linear(eqn, vals) -> _Box:
     return _widen(centre, centre, radius * (1 + 2 * _U) + (terms + 2) * _U * mag)
 
 
-def _box_eqn(eqn, vals: list, where: str) -> list:
-    """One equation on exact values and boxes (nested programs recursed into)."""
+def _box_eqn(eqn, vals: list, where: str, tape: list | None = None) -> list:
+    """One equation on exact values and boxes (nested programs recursed into).
+
+    ``tape``: if given, every equation with a box operand is appended as ``("eqn", eqn,
+    vals, outs)`` (call bodies as their equations), for the linear relaxation's backward pass.
+    """
     if not any(isinstance(v, _Box) for v in vals):
         return _bind(eqn, vals)
     name = eqn.primitive.name
     body = _inline_body(eqn)
     if body is not None:
-        return _box_program(body, vals, f"{where}/{name}")
+        return _box_program(body, vals, f"{where}/{name}", tape)
+    outs = _box_rule(eqn, vals, where)
+    if tape is not None:
+        tape.append(("eqn", eqn, vals, outs))
+    return outs
+
+
+def _box_rule(eqn, vals: list, where: str) -> list:
+    """The interval rule of one primitive (at least one operand is a box)."""
+    name = eqn.primitive.name
     if name in _MONOTONE_EXACT:
         if name in _INDEXED and any(isinstance(v, _Box) for v in vals[_INDEXED[name] :]):
             raise UnsupportedPrimitiveError(
@@ -730,16 +743,28 @@ def _box_eqn(eqn, vals: list, where: str) -> list:
     )
 
 
-def _box_program(closed, vals: list, where: str) -> list:
+def _box_program(closed, vals: list, where: str, tape: list | None = None) -> list:
     """A nested program (a call body) on exact values and boxes."""
     jaxpr, consts = _open(closed)
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, vals, strict=True))
     read = lambda v: v.val if _is_literal(v) else env[v]
     for eqn in jaxpr.eqns:
-        outs = _box_eqn(eqn, [read(v) for v in eqn.invars], where)
+        outs = _box_eqn(eqn, [read(v) for v in eqn.invars], where, tape)
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _quant_error(v, bits):
+    """``(delta, r)``: the elementwise bound ``|x_hat - x| <= delta`` of the quantizer at
+    ``bits`` (or any more) for ``x`` in box ``v``, and the range bound ``r``."""
+    lo, hi = _ends(v)
+    r = jnp.maximum(jnp.max(hi), 0.0) - jnp.minimum(jnp.min(lo), 0.0)
+    r = r * (1 + 2 * _U)
+    n = (jnp.left_shift(1, bits) - 1).astype(r.dtype)
+    s = r / n * (1 + 2 * _U)
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return 0.5 * s + 4 * _U * (r + s) + _U * mag, r
 
 
 def _quantized_box(v, bits) -> _Box:
@@ -754,12 +779,7 @@ def _quantized_box(v, bits) -> _Box:
     ``x_hat <= 0``, so exact zeros stay zero.
     """
     lo, hi = _ends(v)
-    r = jnp.maximum(jnp.max(hi), 0.0) - jnp.minimum(jnp.min(lo), 0.0)
-    r = r * (1 + 2 * _U)
-    n = (jnp.left_shift(1, bits) - 1).astype(r.dtype)
-    s = r / n * (1 + 2 * _U)
-    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    delta = 0.5 * s + 4 * _U * (r + s) + _U * mag
+    delta, _ = _quant_error(v, bits)
     qlo = jnp.where(lo >= 0, jnp.maximum(lo - delta, 0.0), lo - delta)
     qhi = jnp.where(hi <= 0, jnp.minimum(hi + delta, 0.0), hi + delta)
     return _Box(qlo, qhi)
@@ -776,40 +796,253 @@ def _quantized_hull(x, bits) -> _Box:
     return _Box(lo, hi)
 
 
-def _box_ops(program: _Program, ops: Sequence[int], env: dict[int, Any], bits) -> None:
+def _box_ops(
+    program: _Program, ops: Sequence[int], env: dict[int, Any], bits, tape: list | None = None
+) -> None:
     """``program.ops[i] for i in ops`` on exact values and boxes; ``bits`` int ``[L]`` holds
-    each site's smallest bit-width (one example, the per-example program)."""
+    each site's smallest bit-width (one example, the per-example program). ``tape``: see
+    :func:`_box_eqn`; quantizers are recorded as ``("quant" | "hull", site, x, x_hat)``."""
     read = lambda ref: ref.value if isinstance(ref, _Lit) else env[ref]
     for i in ops:
         op = program.ops[i]
         vals = [read(r) for r in op.ins]
         where = _name_stack(op.eqn) or f"op {i} ({op.eqn.primitive.name})"
         if op.weight is None and op.site is None:
-            outs = _box_eqn(op.eqn, vals, where)
+            outs = _box_eqn(op.eqn, vals, where, tape)
         else:
             if op.site is not None:
                 for d in op.data:
-                    q = _quantized_hull if not isinstance(vals[d], _Box) else _quantized_box
-                    vals[d] = q(vals[d], bits[op.site])
+                    exact = not isinstance(vals[d], _Box)
+                    q = (_quantized_hull if exact else _quantized_box)(vals[d], bits[op.site])
+                    if tape is not None:
+                        tape.append(("hull" if exact else "quant", op.site, vals[d], q))
+                    vals[d] = q
             if op.weight is not None:
                 vals[op.weight] = _prepared_weight(program, op, vals[op.weight])
-            outs = _box_eqn(op.eqn, vals, where)
+            outs = _box_eqn(op.eqn, vals, where, tape)
         for r, v in zip(op.outs, outs, strict=True):
             env[r] = v
 
 
-def _bound(program: _Program, leaves, live_in, bits, start: int, stop: int):
+def _bound(
+    program: _Program,
+    leaves,
+    live_in,
+    bits,
+    start: int,
+    stop: int,
+    tape: list | None = None,
+    split: tuple[tuple[int, ...], Any] | None = None,
+):
     """Segments ``start..stop`` in interval mode: exact values live at ``start`` in, the
-    boxes (``(lo, hi)`` pairs; exact values as ``(v, v)``) live at ``stop`` out."""
+    boxes (``(lo, hi)`` pairs; exact values as ``(v, v)``) live at ``stop`` out. With
+    ``tape``, the raw values (boxes or arrays) are returned instead of pairs.
+
+    ``split``: ``(choices, allowed)`` (static bit values, bool ``[K]``): segment ``start``
+    (``start >= 1``), whose input is exact, is run exactly once per allowed choice of its
+    site, and the values at its end are enclosed by the hull of those runs (recorded on the
+    tape as ``("split", site, values, runs, allowed)``) instead of an interval pass.
+    """
     env: dict[int, Any] = dict(program.const_values)
     env.update(zip(program.param_ids, leaves, strict=True))
     names = (program.x_id,) if start == 0 else program.live[start - 1]
     env.update(zip(names, live_in, strict=True))
-    for k in range(start, stop + 1):
+    last = len(program.seg_ops) - 1
+    first = start
+    if split is not None and start >= 1:
+        choices, allowed = split
+        _run_ops(program, program.seg_param_ops[start], env, None, "fake")
+        cut = program.live[start] if start < last else program.out_refs
+        runs = []
+        for b in choices:
+            env_b = dict(env)
+            _run_ops(program, program.seg_ops[start], env_b, bits.at[start - 1].set(b), "fake")
+            runs.append([r.value if isinstance(r, _Lit) else env_b[r] for r in cut])
+        boxes = []
+        for j, r in enumerate(cut):
+            if isinstance(r, _Lit):
+                continue
+            vs = [run[j] for run in runs]
+            big = jnp.asarray(jnp.inf, vs[0].dtype)
+            lo = functools.reduce(jnp.minimum, [jnp.where(a, v, big) for a, v in zip(allowed, vs)])
+            hi = functools.reduce(jnp.maximum, [jnp.where(a, v, -big) for a, v in zip(allowed, vs)])
+            env[r] = _Box(lo, hi)
+            boxes.append((env[r], vs))
+        if tape is not None:
+            tape.append(("split", start - 1, boxes, allowed))
+        first = start + 1
+    for k in range(first, stop + 1):
         _run_ops(program, program.seg_param_ops[k], env, None, "fake")
-        _box_ops(program, program.seg_ops[k], env, bits)
-    refs = program.live[stop] if stop < len(program.seg_ops) - 1 else program.out_refs
-    return tuple(_ends(r.value if isinstance(r, _Lit) else env[r]) for r in refs)
+        _box_ops(program, program.seg_ops[k], env, bits, tape)
+    refs = program.live[stop] if stop < last else program.out_refs
+    raw = tuple(r.value if isinstance(r, _Lit) else env[r] for r in refs)
+    return raw if tape is not None else tuple(_ends(v) for v in raw)
+
+
+# Affine in their box operands (the others exact): the backward pass is their transpose.
+_AFFINE = {
+    "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze",
+    "expand_dims", "slice", "concatenate", "pad", "rev", "reduce_sum", "reduce_window_sum",
+    "cumsum", "copy", "copy_p", "dynamic_slice", "gather", "dynamic_update_slice",
+}  # fmt: skip
+
+
+def _is_affine(eqn, vals) -> bool:
+    name = eqn.primitive.name
+    boxes = [isinstance(v, _Box) for v in vals]
+    if name in _AFFINE:
+        return True
+    if name == "convert_element_type":
+        return jnp.issubdtype(eqn.params["new_dtype"], jnp.floating)
+    if name == "select_n":
+        return not boxes[0]
+    if name in ("mul", "dot_general", "conv_general_dilated"):
+        return sum(boxes) == 1
+    if name == "div":
+        return boxes[0] and not boxes[1]
+    return False
+
+
+def _dot(lam, v) -> jax.Array:
+    """``<lam[k], v>`` for every row ``k``: ``lam [K, *s]``, ``v`` broadcastable to ``s``."""
+    v = jnp.broadcast_to(v, lam.shape[1:])
+    return jnp.sum((lam * v).reshape(lam.shape[0], -1), axis=1)
+
+
+def _linear_bound(tape: list, out, spec, choices: tuple[int, ...], remaining, first_site: int,
+                  num_sites: int):  # fmt: skip
+    """CROWN-style lower bounds of ``spec @ out`` over every allocation of the remaining sites.
+
+    A backward pass over the recorded interval pass: affine operations are transposed exactly
+    (``jax.vjp``), ``max(x, c)`` (ReLU) is relaxed by two lines from the interval of ``x``
+    (the chord above; below ``x`` or ``c``, whichever is closer), other nonlinear operations
+    are replaced by their interval (concretized). A quantizer contributes per bit choice: the
+    exact quantized values where its input is exact, else its error bound ``[-delta, delta]``
+    (sign-clamped). The per-site, per-choice terms are then minimised *jointly* over the
+    allocations that meet the remaining budget exactly (a min-plus dynamic program over
+    sites and bit sums), instead of each site at its worst choice.
+
+    Args:
+      tape: from :func:`_bound`; out: its output box (``[1, C]`` logits); spec: ``[K, 1, C]``.
+      choices: the bit choices; remaining: int scalar, the bits left for sites
+        ``first_site..num_sites-1``.
+
+    Returns:
+      ``[K]`` lower bounds, made smaller by a relative margin for the float error of the pass.
+    """
+    k_rows = spec.shape[0]
+    lam: dict[int, Any] = {id(out): spec}
+    bias = jnp.zeros((k_rows,), spec.dtype)
+    mag = jnp.zeros((k_rows,), spec.dtype)  # sum of |terms|, for the float-error margin
+    terms: dict[int, jax.Array] = {}  # site -> [K, len(choices)]
+
+    def add(obj, g):
+        lam[id(obj)] = lam[id(obj)] + g if id(obj) in lam else g
+
+    def concretize(box, g):
+        nonlocal bias, mag
+        lo, hi = _ends(box)
+        bias = bias + _dot(jnp.maximum(g, 0), lo) + _dot(jnp.minimum(g, 0), hi)
+        mag = mag + _dot(jnp.abs(g), jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+
+    for entry in reversed(tape):
+        kind = entry[0]
+        if kind == "split":  # exact runs of the first segment, one per choice
+            _, site, boxes, allowed = entry
+            cols = jnp.zeros((k_rows, len(choices)), spec.dtype)
+            for box, vs in boxes:
+                g = lam.pop(id(box), None)
+                if g is None:
+                    continue
+                col = jnp.stack([_dot(g, v) for v in vs], axis=1)
+                cols = cols + col
+                mag = mag + jnp.max(jnp.abs(col), axis=1)
+            terms[site] = jnp.where(jnp.asarray(allowed)[None], cols, jnp.inf)
+            continue
+        if kind in ("quant", "hull"):
+            _, site, x, xq = entry
+            g = lam.pop(id(xq), None)
+            if g is None:
+                continue
+            cols = []
+            if kind == "hull":
+                for b in choices:
+                    xb = quant.fake_quant_activation(x, jnp.asarray(b, jnp.int32))
+                    cols.append(_dot(g, xb))
+                    mag = mag + _dot(jnp.abs(g), jnp.abs(xb)) / len(choices)
+            else:
+                add(x, g)
+                lo, hi = _ends(x)
+                for b in choices:
+                    delta, _ = _quant_error(x, jnp.asarray(b, jnp.int32))
+                    e_lo = jnp.where(lo >= 0, jnp.maximum(-delta, -hi), -delta)
+                    e_hi = jnp.where(hi <= 0, jnp.minimum(delta, -lo), delta)
+                    cols.append(_dot(jnp.maximum(g, 0), e_lo) + _dot(jnp.minimum(g, 0), e_hi))
+            terms[site] = terms.get(site, 0) + jnp.stack(cols, axis=1)
+            continue
+        _, eqn, vals, outs = entry
+        gs = [lam.pop(id(o), None) for o in outs]
+        if all(g is None for g in gs):
+            continue
+        name = eqn.primitive.name
+        pos = [i for i, v in enumerate(vals) if isinstance(v, _Box)]
+        if _is_affine(eqn, vals):
+
+            def f(*boxes, eqn=eqn, vals=vals, pos=pos):
+                full = list(vals)
+                for i, b in zip(pos, boxes, strict=True):
+                    full[i] = b
+                return _bind(eqn, full)
+
+            zeros = [jnp.zeros_like(vals[i].lo) for i in pos]
+            outs0, vjp = jax.vjp(f, *zeros)
+            cots = [
+                jnp.zeros((k_rows, *o.shape), o.dtype) if g is None else g
+                for g, o in zip(gs, outs0, strict=True)
+            ]
+            for g, o0 in zip(cots, outs0, strict=True):
+                bias = bias + _dot(g, o0)
+                mag = mag + _dot(jnp.abs(g), jnp.abs(o0))
+            grads = jax.vmap(lambda *c, vjp=vjp: vjp(list(c)))(*cots)
+            for i, g in zip(pos, grads, strict=True):
+                add(vals[i], g)
+            continue
+        g = gs[0]
+        if name == "max" and len(pos) == 1 and len(outs) == 1:
+            x, c = vals[pos[0]], vals[1 - pos[0]]
+            c = jnp.broadcast_to(jnp.asarray(c, x.lo.dtype), x.lo.shape)
+            lp, up = x.lo - c, x.hi - c
+            active, inactive = lp >= 0, up <= 0
+            unstable = ~active & ~inactive
+            slope = jnp.where(unstable, up / jnp.where(unstable, up - lp, 1.0), active * 1.0)
+            upper_b = jnp.where(unstable, c - slope * x.lo, jnp.where(active, 0.0, c))
+            alpha = jnp.where(unstable, (up > -lp) * 1.0, active * 1.0)
+            lower_b = jnp.where(active, 0.0, c * (1 - alpha))
+            gp, gn = jnp.maximum(g, 0), jnp.minimum(g, 0)
+            add(x, gp * alpha + gn * slope)
+            bias = bias + _dot(gp, lower_b) + _dot(gn, upper_b)
+            mag = mag + _dot(jnp.abs(g), jnp.abs(lower_b) + jnp.abs(upper_b))
+            continue
+        for o, g in zip(outs, gs, strict=True):
+            if g is not None:
+                concretize(o, g)
+    # (every box is made by a taped entry, so no gradient is left over here)
+    # joint minimum of the site terms under the exact remaining budget
+    sites = range(first_site, num_sites)
+    cmax = max(choices)
+    size = (num_sites - first_site) * cmax + 1
+    inf = jnp.asarray(jnp.inf, spec.dtype)
+    table = jnp.full((k_rows, size), inf).at[:, 0].set(0.0)
+    for site in sites:
+        t = terms.get(site, jnp.zeros((k_rows, len(choices)), spec.dtype))
+        new = jnp.full_like(table, inf)
+        for j, b in enumerate(choices):
+            shifted = jnp.concatenate([jnp.full((k_rows, b), inf), table[:, : size - b]], axis=1)
+            new = jnp.minimum(new, shifted + t[:, j : j + 1])
+        table = new
+        mag = mag + jnp.max(jnp.abs(jnp.where(jnp.isfinite(t), t, 0.0)), axis=1)
+    best = jnp.take(table, jnp.clip(remaining, 0, size - 1), axis=1)
+    return bias + best - 2.0**-12 * mag - 1e-6
 
 
 # ================================================================== the public surface
@@ -1068,6 +1301,78 @@ class QuantizedFn:
             hi = jax.tree.unflatten(self._out_tree, [o[1][:, 0] for o in outs])
             return lo, hi
         return outs
+
+    def bound_margins(
+        self,
+        params: Any,
+        live: Any,
+        labels: ArrayLike,
+        site_bits: ArrayLike,
+        start: int,
+        *,
+        choices: Sequence[int] | None = None,
+        remaining: ArrayLike | None = None,
+    ) -> jax.Array:
+        """Lower bounds of the logit margins ``logit[y] - logit[j]`` over allowed allocations.
+
+        From the exact values live at the cut before segment ``start`` to the logits (``fn``
+        must return one ``[B, C]`` array). Intervals alone (:meth:`bound_segments`, every site
+        at its ``site_bits``) give ``lo[y] - hi[j]``. With ``choices`` and ``remaining`` the
+        allocations are those whose sites ``start - 1 ..`` take bits in ``choices`` summing to
+        ``remaining`` exactly, and a linear relaxation (CROWN-style, see
+        ``_linear_bound``) is added: the margin itself is propagated backward as a linear
+        function, and the site terms are minimised jointly under the budget; the larger of
+        the two bounds is returned (both are sound).
+
+        Args:
+          params, live: as for :meth:`run_segments` (``start >= 1``).
+          labels: int ``[B]``.
+          site_bits: int ``[B, L]``: each site's smallest allowed bit-width.
+          start: the segment to start from.
+          choices: the bit choices (static); remaining: int ``[B]``.
+
+        Returns:
+          float ``[B, C]``: the lower bounds; ``+inf`` at ``j == y``.
+        """
+        if not 1 <= start < self.num_segments:
+            raise ValueError(f"start must be in [1, {self.num_sites}], got {start}")
+        leaves = self._leaves(params)
+        live = tuple(live)
+        batch = jnp.shape(live[0])[0]
+        site_bits = self._check_bits(jnp.asarray(site_bits), batch)
+        labels = jnp.asarray(labels, jnp.int32)
+        linear = choices is not None
+        if linear:
+            choices = tuple(int(c) for c in choices)
+            remaining = jnp.broadcast_to(jnp.asarray(remaining, jnp.int32), (batch,))
+        else:
+            remaining = jnp.zeros((batch,), jnp.int32)
+        last = self.num_segments - 1
+
+        def one(lv, b, y, rem):
+            tape: list | None = [] if linear else None
+            split = None
+            if linear:  # the first site's choices that leave a feasible rest (a superset)
+                left = self.num_sites - start  # sites after the first
+                cs = jnp.asarray(choices)
+                allowed = (cs >= b[start - 1]) & (rem - cs >= left * min(choices))
+                allowed &= rem - cs <= left * max(choices)
+                split = (choices, [allowed[j] for j in range(len(choices))])
+            outs = _bound(self._program, leaves, lv, b, start, last, tape, split)
+            if len(outs) != 1:
+                raise ValueError("bound_margins needs fn to return one logits array")
+            out = outs[0]
+            lo, hi = _ends(out) if linear else out
+            num_classes = lo.shape[-1]
+            onehot = jax.nn.one_hot(y, num_classes, dtype=lo.dtype)
+            ibp = lo[0, y] - hi[0]
+            if linear:
+                spec = (onehot[None] - jnp.eye(num_classes, dtype=lo.dtype))[:, None, :]
+                crown = _linear_bound(tape, out, spec, choices, rem, start - 1, self.num_sites)
+                ibp = jnp.maximum(ibp, crown)
+            return jnp.where(onehot > 0, jnp.inf, ibp)
+
+        return jax.vmap(one)(live, site_bits, labels, remaining)
 
 
 def _site_name(
