@@ -519,7 +519,6 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
         child_prefix = prefix[parent].copy()
         child_prefix[:, k] = c
         child_rem = remaining[parent] - c
-        np.add.at(out.nodes, glob[child_ex], 1)
         sites_left = num_sites - k - 1
         leaf = (
             np.ones(len(parent), bool) if sites_left == 0 else tables.forced(sites_left, child_rem)
@@ -530,11 +529,27 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
             for j, i in enumerate(li):
                 if sites_left:
                     full[j, k + 1 :] = tables.completion(sites_left, int(child_rem[i]))
-            res = _batched(_step(qfn, "leaf", k + 1), state, live, parent[li], full,
-                           y[child_ex[li]], chunk, deadline)  # fmt: skip
-            if res is None:
-                return stop_all()
-            out.record_leaves(glob[child_ex[li]], full, *res)
+            # Rounds: each open example's next 1, 1, 2, 4, ... leaves, the most uneven
+            # allocations first (breaking ones concentrate the cut on few sites), so that a
+            # breakable example stops at its first misclassifying leaf.
+            spread = -np.var(full.astype(np.float64), axis=1)
+            order = np.lexsort((spread, child_ex[li]))
+            li, full = li[order], full[order]
+            rank = np.arange(len(li)) - np.searchsorted(child_ex[li], child_ex[li])
+            done, size = 0, 1
+            while done < rank.max(initial=-1) + 1:
+                sel = (rank >= done) & (rank < done + size)
+                sel &= out.state[glob[child_ex[li]]] == _OPEN
+                done, size = done + size, size if done == 0 else 2 * size
+                if not sel.any():
+                    continue
+                rows = np.flatnonzero(sel)
+                res = _batched(_step(qfn, "leaf", k + 1), state, live, parent[li[rows]],
+                               full[rows], y[child_ex[li[rows]]], chunk, deadline)  # fmt: skip
+                if res is None:
+                    return stop_all()
+                np.add.at(out.nodes, glob[child_ex[li[rows]]], 1)
+                out.record_leaves(glob[child_ex[li[rows]]], full[rows], *res)
         inner = np.flatnonzero(~leaf & (out.state[glob[child_ex]] == _OPEN))
         if not len(inner):
             ex = np.zeros(0, np.int64)
@@ -543,6 +558,7 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
                             child_prefix[inner], None, chunk, deadline)  # fmt: skip
         if new_live is None:
             return stop_all()
+        np.add.at(out.nodes, glob[child_ex[inner]], 1)
         live, ex = new_live, child_ex[inner]
         prefix, remaining = child_prefix[inner], child_rem[inner]
     # every node of an example still open was certified or evaluated to a correct leaf
