@@ -97,3 +97,46 @@ def test_locked_config_rejects_misspelt_fields():
     with pytest.raises(AttributeError):
         config.optim.learnig_rate = 1.0
     assert isinstance(config, ml_collections.ConfigDict)
+
+
+def _audit(arg="smoke"):
+    return load_config(REPO / "configs" / "audit.py", arg)
+
+
+def test_audit_config_certify_and_bracket_args():
+    config = _audit()
+    assert "certify" in config.audit.methods and config.audit.bracket_budgets == ()
+    assert config.audit.certify.bounds == "auto"
+    assert _audit(None).audit.certify.node_limit is None  # no limits outside smoke
+    config = _audit("smoke,budgets=3/4.5,choices=4/5/6/8")
+    assert config.audit.bracket_budgets == (3.0, 4.5) and config.audit.choices == (4, 5, 6, 8)
+    config_lib.validate(config)
+    with pytest.raises(config_lib.ConfigError, match=r"arg\.budgets: expected floats"):
+        _audit("budgets=3/four")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.audit\.choices: must be a non"):
+        config_lib.validate(_audit("choices=6/4"))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("audit.certify.node_limit", 0, r"config\.audit\.certify\.node_limit: must be > 0"),
+        ("audit.certify.time_limit", 0.0, r"config\.audit\.certify\.time_limit: must be > 0"),
+        ("audit.certify.bounds", "maybe",
+         r"config\.audit\.certify\.bounds: must be one of \['auto', 'off', 'on'\]"),
+        ("audit.bracket_budgets", (4.0, -1.0),
+         r"config\.audit\.bracket_budgets: must be a list of mean budgets"),
+        ("audit.bracket_budgets", (4.0, 4.0), r"config\.audit\.bracket_budgets: must not repeat"),
+    ],
+)  # fmt: skip
+def test_audit_certify_and_bracket_fields_are_validated(field, value, match):
+    config = _audit()
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    with config.unlocked():
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=match) as err:
+        config_lib.validate(config)
+    assert "\n" not in str(err.value)
