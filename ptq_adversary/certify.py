@@ -339,11 +339,18 @@ def certify(
     if qfn.num_sites != num_sites:
         raise ValueError(f"budget has {num_sites} sites, the model {qfn.num_sites}")
     cands = default_candidates(budget) if candidates is None else np.asarray(candidates, np.int32)
-    if cands.ndim == 2:
+    if cands.ndim == 2 and cands.shape[1] == num_sites:
         cands = np.broadcast_to(cands[:, None], (len(cands), n, num_sites))
     if cands.ndim != 3 or cands.shape[1:] != (n, num_sites):
         raise ValueError(
             f"candidates must be [M, L] or [M, B={n}, L={num_sites}], got {cands.shape}"
+        )
+    ok = np.isin(cands, budget.choices).all(axis=-1) & (cands.sum(axis=-1) == budget.total)
+    if not ok.all():
+        bad = cands[~ok][0].tolist()
+        raise ValueError(
+            f"candidates must be feasible allocations (bits in {list(budget.choices)} summing to "
+            f"{budget.total}); got {bad}"
         )
     tables = _Budget(budget)
     out = _Out(n, num_sites)
@@ -478,8 +485,8 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
         idx = np.flatnonzero(keep)
         use = bounds if bounds != "auto" else out.decided[k]
         if use is not False and len(idx):
-            step = _step(qfn, relaxation, k + 1, tuple(int(c) for c in tables.choices),
-                         int(tables.budget.total))  # fmt: skip
+            key = (tuple(int(c) for c in tables.choices), int(tables.budget.total))
+            step = _step(qfn, relaxation, k + 1, *(key if relaxation == "linear" else ()))
             half = PROBE_NODES // 2  # two probe calls of one shape: the second one is timed
             parts = [idx[:half], idx[half:PROBE_NODES], idx[PROBE_NODES:]] if use is None else [idx]
             saved = []

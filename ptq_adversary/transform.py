@@ -550,7 +550,12 @@ def _evaluate(program: _Program, leaves, live_in, bits, start: int, stop: int, m
 # the value's float dtype and then widened by a bound on the rounding error of the operation,
 # so that the enclosure also holds for what the float program computes.
 
-_U = 2.0**-23  # twice float32's unit roundoff: one rounding, with margin
+
+def _u(x) -> float:
+    """Twice the unit roundoff of ``x``'s float dtype (float32: ``2^-23``): one rounding,
+    with margin."""
+    dtype = jnp.result_type(x)
+    return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 2.0**-23
 
 
 class _Box(tuple):
@@ -577,7 +582,7 @@ def _widen(lo, hi, err) -> _Box:
 def _ulps(lo, hi, k: float = 1.0) -> _Box:
     """Widens by ``k`` roundings relative to the magnitude (one elementwise float op)."""
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return _widen(lo, hi, k * _U * mag + jnp.finfo(jnp.result_type(lo)).tiny)
+    return _widen(lo, hi, k * _u(lo) * mag + jnp.finfo(jnp.result_type(lo)).tiny)
 
 
 class UnsupportedPrimitiveError(TransformError):
@@ -634,7 +639,8 @@ def _box_linear(eqn, vals) -> _Box:
     mag = bind(jnp.abs(ac) + ar, jnp.abs(bc) + br)
     out = _aval(eqn.outvars[0])
     terms = _flops(eqn, [_aval(v) for v in eqn.invars], out) // max(2 * math.prod(out.shape), 1)
-    return _widen(centre, centre, radius * (1 + 2 * _U) + (terms + 2) * _U * mag)
+    u = _u(centre)
+    return _widen(centre, centre, radius * (1 + 2 * u) + (terms + 2) * u * mag)
 
 
 def _box_eqn(eqn, vals: list, where: str, tape: list | None = None) -> list:
@@ -649,10 +655,19 @@ def _box_eqn(eqn, vals: list, where: str, tape: list | None = None) -> list:
     body = _inline_body(eqn)
     if body is not None:
         return _box_program(body, vals, f"{where}/{name}", tape)
-    outs = _box_rule(eqn, vals, where)
+    outs = [_no_nan(o) for o in _box_rule(eqn, vals, where)]
     if tape is not None:
         tape.append(("eqn", eqn, vals, outs))
     return outs
+
+
+def _no_nan(v):
+    """A float box whose ends are NaN (``inf - inf`` after an overflow) becomes unbounded."""
+    if not isinstance(v, _Box) or not jnp.issubdtype(jnp.result_type(v.lo), jnp.floating):
+        return v
+    return _Box(
+        jnp.where(jnp.isnan(v.lo), -jnp.inf, v.lo), jnp.where(jnp.isnan(v.hi), jnp.inf, v.hi)
+    )
 
 
 def _box_rule(eqn, vals: list, where: str) -> list:
@@ -675,7 +690,7 @@ def _box_rule(eqn, vals: list, where: str) -> list:
         lo, hi = _bind(eqn, los)[0], _bind(eqn, his)[0]
         mags = [jnp.maximum(jnp.abs(a), jnp.abs(b)) for a, b in zip(los, his, strict=True)]
         mag = _bind(eqn, mags)[0]
-        return [_widen(lo, hi, (_sum_terms(eqn, vals) + 1) * _U * mag)]
+        return [_widen(lo, hi, (_sum_terms(eqn, vals) + 1) * _u(lo) * mag)]
     if name == "neg":
         lo, hi = _ends(vals[0])
         return [_Box(-hi, -lo)]
@@ -693,10 +708,21 @@ def _box_rule(eqn, vals: list, where: str) -> list:
                 bl = bh = 1 / bl
         prods = [al * bl, al * bh, ah * bl, ah * bh]
         lo, hi = functools.reduce(jnp.minimum, prods), functools.reduce(jnp.maximum, prods)
-        return [_ulps(lo, hi, 3.0 if name == "div" else 1.0)]
+        out = _ulps(lo, hi, 3.0 if name == "div" else 1.0)
+        if name == "div" and isinstance(vals[1], _Box):  # 1 / b unbounded where b may be 0
+            out = _Box(
+                jnp.where(straddles, -jnp.inf, out.lo), jnp.where(straddles, jnp.inf, out.hi)
+            )
+        return [out]
     if name in ("integer_pow", "square"):
         k = eqn.params.get("y", 2)
         lo, hi = _ends(vals[0])
+        if k < 0:  # x^k for k < 0: monotone on each side of 0, unbounded where 0 is inside
+            straddles = (lo <= 0) & (hi >= 0)
+            a, b = lo**k, hi**k
+            out = _ulps(jnp.minimum(a, b), jnp.maximum(a, b), float(abs(k)) + 2.0)
+            return [_Box(jnp.where(straddles, -jnp.inf, out.lo),
+                         jnp.where(straddles, jnp.inf, out.hi))]  # fmt: skip
         a, b = lo**k, hi**k
         if k % 2 == 0:
             straddles = (lo < 0) & (hi > 0)
@@ -760,11 +786,12 @@ def _quant_error(v, bits):
     ``bits`` (or any more) for ``x`` in box ``v``, and the range bound ``r``."""
     lo, hi = _ends(v)
     r = jnp.maximum(jnp.max(hi), 0.0) - jnp.minimum(jnp.min(lo), 0.0)
-    r = r * (1 + 2 * _U)
+    u = _u(r)
+    r = r * (1 + 2 * u)
     n = (jnp.left_shift(1, bits) - 1).astype(r.dtype)
-    s = r / n * (1 + 2 * _U)
+    s = r / n * (1 + 2 * u)
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return 0.5 * s + 4 * _U * (r + s) + _U * mag, r
+    return 0.5 * s + 4 * u * (r + s) + u * mag, r
 
 
 def _quantized_box(v, bits) -> _Box:
@@ -864,8 +891,9 @@ def _bound(
                 continue
             vs = [run[j] for run in runs]
             big = jnp.asarray(jnp.inf, vs[0].dtype)
-            lo = functools.reduce(jnp.minimum, [jnp.where(a, v, big) for a, v in zip(allowed, vs)])
-            hi = functools.reduce(jnp.maximum, [jnp.where(a, v, -big) for a, v in zip(allowed, vs)])
+            pairs = list(zip(allowed, vs, strict=True))
+            lo = functools.reduce(jnp.minimum, [jnp.where(a, v, big) for a, v in pairs])
+            hi = functools.reduce(jnp.maximum, [jnp.where(a, v, -big) for a, v in pairs])
             env[r] = _Box(lo, hi)
             boxes.append((env[r], vs))
         if tape is not None:
@@ -1042,7 +1070,7 @@ def _linear_bound(tape: list, out, spec, choices: tuple[int, ...], remaining, fi
         table = new
         mag = mag + jnp.max(jnp.abs(jnp.where(jnp.isfinite(t), t, 0.0)), axis=1)
     best = jnp.take(table, jnp.clip(remaining, 0, size - 1), axis=1)
-    return bias + best - 2.0**-12 * mag - 1e-6
+    return bias + best - 2.0**11 * _u(bias) * mag - 1e-6
 
 
 # ================================================================== the public surface
@@ -1369,7 +1397,8 @@ class QuantizedFn:
             if linear:
                 spec = (onehot[None] - jnp.eye(num_classes, dtype=lo.dtype))[:, None, :]
                 crown = _linear_bound(tape, out, spec, choices, rem, start - 1, self.num_sites)
-                ibp = jnp.maximum(ibp, crown)
+                ibp = jnp.maximum(ibp, jnp.where(jnp.isnan(crown), -jnp.inf, crown))
+            ibp = jnp.where(jnp.isnan(ibp), -jnp.inf, ibp)
             return jnp.where(onehot > 0, jnp.inf, ibp)
 
         return jax.vmap(one)(live, site_bits, labels, remaining)

@@ -1,12 +1,14 @@
-"""ptq_adversary.certify and QuantizedFn.bound_segments: the interval bounds enclose what the
-quantized program computes for every allocation they claim to cover, and branch and bound
-agrees with exhaustive enumeration (certified examples are never broken, broken ones are
-broken by the reported bits), under limits, with candidates, and inside the audit.
+"""ptq_adversary.certify and the bounds it rests on (QuantizedFn.bound_segments, interval
+bounds; QuantizedFn.bound_margins, the linear relaxation): the bounds enclose what the quantized
+program computes for every allocation they claim to cover, and branch and bound agrees with
+exhaustive enumeration (certified examples are never broken, broken ones are broken by the
+reported bits), under node and time limits, with candidates, and inside the audit.
 
-The property tests use tiny plain-JAX models (MLPs of 2-4 sites on ``[B, 6]``, a residual conv
-net of 3 sites on ``[B, 6, 6, 1]``) with a fixed architecture per kind, so that the programs
-(cached by structure) and their jitted steps are compiled once and reused across examples.
-"""
+The property tests use tiny plain-JAX models (MLPs of 2 and 4 sites on ``[B, 6]``, a residual
+conv net of 3 sites on ``[B, 6, 6, 1]``, a 3-site conv net of the remaining primitives) with a
+fixed architecture and batch shape per kind, so that the programs (cached by structure) and the
+jitted steps are compiled once and reused across examples: compiling dominates the run time.
+certify's steps are compiled per budget, hence one certify budget per architecture."""
 
 from __future__ import annotations
 
@@ -732,3 +734,36 @@ def test_audit_reports_the_certified_bracket():
     assert c["exact"] is False and c["stopped"] == "node limit"
     assert c["certified_accuracy"] <= exact["accuracy"] <= c["accuracy"]
     assert c["states"]["unknown"] > 0
+
+
+def test_infeasible_candidates_are_refused(fixed):
+    f = fixed
+    bad = np.full((1, f["budget"].num_sites), 0, np.int32)  # 0 bits: no choice, wrong sum
+    with pytest.raises(ValueError, match="feasible allocations"):
+        certify.certify(f["model"], f["x"], f["y"], f["budget"], candidates=bad)
+
+
+def _relu_mlp(out):
+    w0 = jnp.diag(jnp.asarray([0.3, 0.29]))
+    w1 = jnp.asarray([[1.0], [-1.0]])
+    return lambda p, x: out(jax.nn.relu(x @ p["w0"]) @ p["w1"]), {"w0": w0, "w1": w1}
+
+
+@pytest.mark.parametrize(
+    "out",
+    [lambda z: z**-1, lambda z: z**-2, lambda z: jax.nn.relu(z) / z],
+    ids=["inv", "inv2", "div"],
+)
+def test_unbounded_rules_where_zero_is_inside(out):
+    # z straddles 0 under coarse quantization: x^-k and x / z must be unbounded, never NaN
+    fn, params = _relu_mlp(out)
+    x = jnp.ones((1, 2))
+    qfn = transform.quantize(fn, params, x, weight_bits=None)
+    live = qfn.run_segments(params, x, jnp.zeros((1, qfn.num_sites), jnp.int32), 0, 0)
+    last = qfn.num_segments - 1
+    lo, hi = qfn.bound_segments(params, live, jnp.full((1, qfn.num_sites), 2, jnp.int32), 1, last)
+    assert not np.isnan(np.asarray(lo)).any() and not np.isnan(np.asarray(hi)).any()
+    for b in range(2, 17):
+        v = np.asarray(qfn(params, x, jnp.full((1, qfn.num_sites), b, jnp.int32)))
+        ok = np.isnan(v) | ((np.asarray(lo) <= v) & (v <= np.asarray(hi)))
+        assert ok.all(), (b, v, lo, hi)

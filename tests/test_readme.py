@@ -43,6 +43,9 @@ def test_readme_python_examples_run():
     ns = namespace
     # The audit example: a linen model, sites derived from its program.
     assert ns["result"].site_names == ("conv2", "head")
+    # The certify example: an exact bracket (2 sites, 5 allocations, no limits).
+    bracket = ns["bracket"]
+    assert bracket["exact"] and bracket["certified_accuracy"] == bracket["accuracy"]
     # The library example's shapes, and integer mode agreeing with fake quantization.
     assert ns["q_pbc"].shape == (16, 8, 10)
     np.testing.assert_allclose(ns["int_logits"], ns["q_logits"], rtol=1e-4, atol=1e-4)
