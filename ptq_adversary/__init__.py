@@ -9,7 +9,8 @@ Modules: ``quant`` (fake quantizers), ``transform`` (dynamic PTQ as a program tr
 ``zoo`` (the built-in plain-NNX networks), ``models`` (registry, ``QuantizedModel`` and the
 functional boundary), ``policy`` and ``policy_net`` (budgeted bit-width policies), ``losses``,
 ``steps`` (pure step builders), ``trainers`` (training loops), ``evaluation``, ``analysis``,
-``corruptions``, ``audit`` (worst case of any trained model), ``report``, ``data``
+``corruptions``, ``audit`` (worst case of any trained model), ``certify`` (its proof:
+bounds and branch and bound over allocations), ``report``, ``data``
 (offline-first datasets), ``artifacts``, ``checkpoint``, ``metrics``, ``config_lib``, ``main``
 (the command line).
 """
