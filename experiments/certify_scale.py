@@ -25,7 +25,7 @@ Then it measures what limits the width:
 * **growth**: the mean width of the interval enclosure at each cut when every site is free,
   i.e. how fast the enclosure grows layer by layer.
 
-Runtime: ~25 min on the 2-core CPU.
+Runtime: 47 min on the 2-core CPU (with other jobs on the same cores), most of it the searches.
 """
 
 from __future__ import annotations
