@@ -201,8 +201,8 @@ def _batched(fn, state, live, index: np.ndarray, bits: np.ndarray, labels, chunk
     """``fn`` on the rows ``live[index]`` with ``bits`` (numpy ``[N, L]``) and ``labels``
     (numpy ``[N]`` or ``None``), in padded chunks.
 
-    Returns the concatenated outputs (a tuple of per-row arrays: device arrays for live values,
-    numpy for the rest) or ``None`` once ``deadline`` (a ``time.perf_counter`` value) passes.
+    Returns the concatenated outputs as numpy arrays (per row; live values as a tuple) or
+    ``None`` once ``deadline`` (a ``time.perf_counter`` value) passes.
     ``timer``: ``{fn: [seconds, rows]}`` accumulated over calls of a shape already compiled
     (``timer["seen"]`` holds the shapes seen).
     """
@@ -455,12 +455,11 @@ def _search(qfn, state, x, y, cands, tables: _Budget, out: _Out, sl: slice, boun
         out.timed_out = True
 
     # candidates: full allocations as leaves on the images
-    x_live = (x,)
     for cand in cands:
         rows = local[out.state[glob] == _OPEN]
         if not len(rows):
             return
-        res = _batched(_step(qfn, "leaf", 0), state, x_live[0], rows, cand[rows], y[rows], chunk,
+        res = _batched(_step(qfn, "leaf", 0), state, x, rows, cand[rows], y[rows], chunk,
                        deadline, out.timer)  # fmt: skip
         if res is None:
             return stop_all()

@@ -782,8 +782,8 @@ def _box_program(closed, vals: list, where: str, tape: list | None = None) -> li
 
 
 def _quant_error(v, bits):
-    """``(delta, r)``: the elementwise bound ``|x_hat - x| <= delta`` of the quantizer at
-    ``bits`` (or any more) for ``x`` in box ``v``, and the range bound ``r``."""
+    """The elementwise bound ``|x_hat - x| <= delta`` of the quantizer at ``bits`` (or any
+    more) for ``x`` in box ``v`` (see :func:`_quantized_box`)."""
     lo, hi = _ends(v)
     r = jnp.maximum(jnp.max(hi), 0.0) - jnp.minimum(jnp.min(lo), 0.0)
     u = _u(r)
@@ -791,7 +791,7 @@ def _quant_error(v, bits):
     n = (jnp.left_shift(1, bits) - 1).astype(r.dtype)
     s = r / n * (1 + 2 * u)
     mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return 0.5 * s + 4 * u * (r + s) + u * mag, r
+    return 0.5 * s + 4 * u * (r + s) + u * mag
 
 
 def _quantized_box(v, bits) -> _Box:
@@ -806,7 +806,7 @@ def _quantized_box(v, bits) -> _Box:
     ``x_hat <= 0``, so exact zeros stay zero.
     """
     lo, hi = _ends(v)
-    delta, _ = _quant_error(v, bits)
+    delta = _quant_error(v, bits)
     qlo = jnp.where(lo >= 0, jnp.maximum(lo - delta, 0.0), lo - delta)
     qhi = jnp.where(hi <= 0, jnp.minimum(hi + delta, 0.0), hi + delta)
     return _Box(qlo, qhi)
@@ -1002,7 +1002,7 @@ def _linear_bound(tape: list, out, spec, choices: tuple[int, ...], remaining, fi
                 add(x, g)
                 lo, hi = _ends(x)
                 for b in choices:
-                    delta, _ = _quant_error(x, jnp.asarray(b, jnp.int32))
+                    delta = _quant_error(x, jnp.asarray(b, jnp.int32))
                     e_lo = jnp.where(lo >= 0, jnp.maximum(-delta, -hi), -delta)
                     e_hi = jnp.where(hi <= 0, jnp.minimum(delta, -lo), delta)
                     cols.append(_dot(jnp.maximum(g, 0), e_lo) + _dot(jnp.minimum(g, 0), e_hi))
@@ -1267,6 +1267,18 @@ class QuantizedFn:
           The tuple of values live after segment ``stop`` (each ``[B, ...]``), or, when
           ``stop == L``, ``fn``'s output pytree.
         """
+        leaves, live, site_bits, lift = self._segment_inputs(params, live, site_bits, start, stop)
+        run = lambda lv, b: self._segments(leaves, lift(lv), b, start, stop, mode)
+        outs = jax.vmap(run)(live, site_bits)
+        if stop == self.num_segments - 1:
+            return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
+        return outs
+
+    def _segment_inputs(self, params, live, site_bits, start: int, stop: int):
+        """Checked inputs of :meth:`run_segments` / :meth:`bound_segments`: ``(leaves, live,
+        site_bits [B, L], lift)``, ``lift`` mapping one example's live values to the traced
+        per-example shapes (batch axis of size 1 for the input; others as the program has
+        them; live values are stacked along a new leading axis)."""
         if not 0 <= start <= stop < self.num_segments:
             raise ValueError(f"segments must satisfy 0 <= {start} <= {stop} <= {self.num_sites}")
         leaves = self._leaves(params)
@@ -1276,14 +1288,8 @@ class QuantizedFn:
         if site_bits.ndim == 1:
             site_bits = jnp.broadcast_to(site_bits, (batch, self.num_sites))
         site_bits = self._check_bits(site_bits, batch)
-        # Live values are stored per example in their traced shape (batch axis of size 1 for
-        # the input; others as the program has them), stacked along a new leading axis.
         lift = (lambda lv: (lv[0][None],)) if start == 0 else (lambda lv: lv)
-        run = lambda lv, b: self._segments(leaves, lift(lv), b, start, stop, mode)
-        outs = jax.vmap(run)(live, site_bits)
-        if stop == self.num_segments - 1:
-            return jax.tree.unflatten(self._out_tree, [o[:, 0] for o in outs])
-        return outs
+        return leaves, live, site_bits, lift
 
     def bound_segments(
         self, params: Any, live: Any, site_bits: ArrayLike, start: int, stop: int
@@ -1312,16 +1318,7 @@ class QuantizedFn:
           UnsupportedPrimitiveError: a primitive without an interval rule (the error names it
             and where it is).
         """
-        if not 0 <= start <= stop < self.num_segments:
-            raise ValueError(f"segments must satisfy 0 <= {start} <= {stop} <= {self.num_sites}")
-        leaves = self._leaves(params)
-        live = (self._check_x(live),) if start == 0 else tuple(live)
-        batch = jnp.shape(live[0])[0]
-        site_bits = jnp.asarray(site_bits)
-        if site_bits.ndim == 1:
-            site_bits = jnp.broadcast_to(site_bits, (batch, self.num_sites))
-        site_bits = self._check_bits(site_bits, batch)
-        lift = (lambda lv: (lv[0][None],)) if start == 0 else (lambda lv: lv)
+        leaves, live, site_bits, lift = self._segment_inputs(params, live, site_bits, start, stop)
         run = lambda lv, b: _bound(self._program, leaves, lift(lv), b, start, stop)
         outs = jax.vmap(run)(live, site_bits)
         if stop == self.num_segments - 1:
