@@ -17,14 +17,13 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ptq_adversary import metrics, models, policy
+from ptq_adversary import distributed, metrics, models, policy
 from ptq_adversary.policy_net import PolicyNet
 
 __all__ = [
@@ -145,20 +144,25 @@ def _save(directory: str, spec: Any, params: nnx.State, rest: nnx.State) -> None
     # Atomic replacement: the arrays go to a fresh state directory, then spec.json (written by
     # rename) switches to it, then older state directories are removed. A kill at any point
     # leaves either the previous artifact or the new one loadable, never a mix.
+    # With several processes all of them save under process 0's name (orbax's barriers are
+    # keyed by the path: different names wait for each other forever), process 0 alone
+    # switches and cleans up, and nobody leaves before the artifact is complete.
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    name = f"{_STATE_DIR}-{time.time_ns()}"
+    name = f"{_STATE_DIR}-{distributed.agreed_stamp()}"
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(
             os.path.join(directory, name),
             jax.device_get({"params": params, "rest": rest}),
             force=True,
         )
-    record = {**dataclasses.asdict(spec), _STATE_KEY: name}
-    metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), record)
-    for entry in os.scandir(directory):
-        if entry.is_dir() and entry.name.startswith(_STATE_DIR) and entry.name != name:
-            shutil.rmtree(entry.path, ignore_errors=True)
+    if jax.process_index() == 0:
+        record = {**dataclasses.asdict(spec), _STATE_KEY: name}
+        metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), record)
+        for entry in os.scandir(directory):
+            if entry.is_dir() and entry.name.startswith(_STATE_DIR) and entry.name != name:
+                shutil.rmtree(entry.path, ignore_errors=True)
+    distributed.barrier(f"artifact {directory} {name}")
 
 
 def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, dict]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ptq_adversary import artifacts, data, steps
+from ptq_adversary import artifacts, data, distributed, steps
 
 __all__ = ["evaluate_pair", "format_table"]
 
@@ -58,15 +58,17 @@ def evaluate_pair(
         )
     weights = (model.params, model.rest, pol.params, pol.rest)
     if data_sharding is not None:  # batches are sharded: replicate the weights on the same mesh
-        weights = jax.device_put(weights, NamedSharding(data_sharding.mesh, PartitionSpec()))
+        weights = distributed.replicate(weights, NamedSharding(data_sharding.mesh, PartitionSpec()))
     key = jax.random.PRNGKey(seed)
     totals = None
+    # With a mesh, each process reads only its rows of every batch.
+    shard = (0, 1) if data_sharding is None else distributed.process_shard()
     for i, batch in enumerate(
-        data.eval_batches(split, batch_size=batch_size, dataset_stats=dataset)
+        data.eval_batches(split, batch_size=batch_size, dataset_stats=dataset, shard=shard)
     ):
         arrays = (batch.images, batch.labels, batch.mask)
         if data_sharding is not None:
-            arrays = jax.device_put(arrays, data_sharding)
+            arrays = distributed.put_rows(arrays, data_sharding, batch_size)
         out = eval_step(*weights, *arrays, jax.random.fold_in(key, i))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)

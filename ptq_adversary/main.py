@@ -19,13 +19,19 @@ before anything touches a device. On Cloud TPU, Slurm, Open MPI and Kubernetes J
 cluster itself; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (or set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID``; a set ``JAX_COORDINATOR_ADDRESS`` implies ``--multihost``). Run the same
-command on every host with the same shared ``--workdir``.
+command on every host with the same shared ``--workdir``. Each process reads only its own rows
+of every batch.
+
+A run that seems stuck: ``kill -USR1 <pid>`` prints every thread's Python stack to stderr and
+the run goes on (``faulthandler``), which shows the phase it waits in.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -234,6 +240,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     flags.mark_flag_as_required("config")
     app.run(main, flags_parser=_parse_flags)
 

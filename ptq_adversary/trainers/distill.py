@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ptq_adversary import artifacts, config_lib, data, metrics, models, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, metrics, models, steps
 from ptq_adversary.trainers import loop, supervised
 
 __all__ = ["train_and_evaluate", "teacher_from_artifact", "predict_logits"]
@@ -133,7 +133,7 @@ def train_and_evaluate(
             # No augmentation: the cached teacher logits belong to the un-augmented images.
             batch = data.train_batch(
                 dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
-                dataset_stats=dataset,
+                dataset_stats=dataset, shard=distributed.process_shard(),
             )  # fmt: skip
             return batch.images, batch.labels, teacher_logits[batch.indices]
 

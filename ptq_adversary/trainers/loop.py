@@ -9,8 +9,8 @@ tests/test_resume.py).
 
 Devices and hosts: the batch axis is sharded over a ``data`` mesh axis spanning every device of
 every process, the state is replicated. In a multi-process run (``jax.distributed``) each
-process places only its own rows of the global batch (:meth:`Run.put_batch`); with one process
-this is a plain ``jax.device_put``.
+process reads and places only its own rows of the global batch (``ptq_adversary.distributed``,
+:meth:`Run.put_batch`); with one process this is a plain ``jax.device_put``.
 
 Divergence: a NaN/inf training metric (tracked on device every step, checked at log steps), a
 NaN/inf validation metric or a non-finite state (checked before every save) stops the run with
@@ -41,13 +41,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptq_adversary import config_lib, metrics
+from ptq_adversary import config_lib, distributed, metrics
 from ptq_adversary.checkpoint import Checkpointer
 
-__all__ = ["Run", "Preempted", "prepare_workdir", "data_mesh", "process_rows"]
+__all__ = ["Run", "Preempted", "prepare_workdir"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Run:
 
         # Data parallel over every device: batch sharded on 'data', state replicated. Auto axes
         # let XLA propagate shardings, so vmapping policies into the batch needs no annotations.
-        mesh = data_mesh()
+        mesh = distributed.data_mesh()
         self.replicated = NamedSharding(mesh, P())
         self.data_sharding = NamedSharding(mesh, P("data"))
         self.ckpt = Checkpointer(
@@ -146,7 +146,7 @@ class Run:
     # ------------------------------------------------------------------ state and checkpoints
     def restore_or_init(self, state: Any) -> Any:
         """Replicates ``state`` and replaces it by the latest checkpoint if there is one."""
-        state = jax.device_put(state, self.replicated)
+        state = distributed.replicate(state, self.replicated)
         if self.ckpt.latest_step() is not None:
             state, meta = self.ckpt.restore(state)
             self.start_step = int(meta.get("step", self.ckpt.latest_step()))
@@ -170,31 +170,17 @@ class Run:
         self.writer.write(step, values, split=split)
 
     def put_batch(self, arrays: tuple[np.ndarray, ...]) -> tuple[jax.Array, ...]:
-        """Places a host batch on the mesh, sharded over ``data``.
+        """Places a host batch on the mesh, sharded over ``data`` (``distributed.put_rows``).
 
         Args:
           arrays: host arrays with a leading batch axis: the global batch of
             ``config.optim.batch_size`` rows, or (in a multi-process run) only this process's
-            rows of it, ``process_rows``.
+            rows of it, as ``data.train_batch(..., shard=distributed.process_shard())`` reads.
 
         Returns:
           Global ``jax.Array``s of the global batch, each device holding its rows.
         """
-        if jax.process_count() == 1:
-            return jax.device_put(arrays, self.data_sharding)
-        size = self.config.optim.batch_size
-        rows = process_rows(size)
-        out = []
-        for a in arrays:
-            if len(a) == size:
-                a = a[rows]
-            elif len(a) != rows.stop - rows.start:
-                raise ValueError(
-                    f"batch has {len(a)} rows; expected the global {size} or this process's "
-                    f"{rows.stop - rows.start}"
-                )
-            out.append(jax.make_array_from_process_local_data(self.data_sharding, a))
-        return tuple(out)
+        return distributed.put_rows(arrays, self.data_sharding, self.config.optim.batch_size)
 
     # ------------------------------------------------------------------ the loop
     def fit(
@@ -328,36 +314,6 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over every device of every process.
-
-    With several processes the devices are ordered by process, so each process feeds one
-    contiguous block of rows of the global batch (:func:`process_rows`).
-    """
-    if jax.process_count() == 1:
-        return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=(AxisType.Auto,))
-
-
-def process_rows(global_batch: int) -> slice:
-    """The rows of a global batch that this process feeds (all of them with one process).
-
-    Raises:
-      ValueError: processes hold different numbers of devices, or the batch does not divide.
-    """
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return slice(0, global_batch)
-    if jax.device_count() != count * jax.local_device_count() or global_batch % count:
-        raise ValueError(
-            f"a global batch of {global_batch} cannot be split evenly over {count} processes "
-            f"with {jax.local_device_count()} of {jax.device_count()} devices each"
-        )
-    per = global_batch // count
-    return slice(index * per, (index + 1) * per)
 
 
 @jax.jit

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import artifacts, config_lib, data, evaluation, metrics, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, evaluation, metrics, steps
 from ptq_adversary.trainers import loop, supervised
 
 __all__ = ["train_and_evaluate", "policy_spec"]
@@ -192,7 +192,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _batch(dataset: data.Dataset, teacher_logits: np.ndarray, step: int, batch_size: int,
            seed: int) -> tuple[np.ndarray, ...]:  # fmt: skip
     batch = data.train_batch(
-        dataset.train, step, batch_size=batch_size, seed=seed, dataset_stats=dataset
+        dataset.train,
+        step,
+        batch_size=batch_size,
+        seed=seed,
+        dataset_stats=dataset,
+        shard=distributed.process_shard(),
     )
     return batch.images, batch.labels, teacher_logits[batch.indices]
 

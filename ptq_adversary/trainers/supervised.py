@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ptq_adversary import artifacts, config_lib, data, metrics, models, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, metrics, models, steps
 from ptq_adversary.trainers import loop
 
 __all__ = [
@@ -121,10 +121,14 @@ def evaluate(
     """
     bits = steps.uniform_bits(uniform_bits, batch_size, num_sites)
     totals = None
-    for batch in data.eval_batches(split, batch_size=batch_size, dataset_stats=dataset):
+    # With a mesh, each process reads only its rows of every batch.
+    shard = (0, 1) if data_sharding is None else distributed.process_shard()
+    for batch in data.eval_batches(
+        split, batch_size=batch_size, dataset_stats=dataset, shard=shard
+    ):
         arrays = (batch.images, batch.labels, batch.mask)
         if data_sharding is not None:
-            arrays = jax.device_put(arrays, data_sharding)
+            arrays = distributed.put_rows(arrays, data_sharding, batch_size)
         out = eval_step(params, rest, *arrays, bits)
         # Summed on device; a single transfer at the end keeps the loop asynchronous.
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
@@ -182,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = data.train_batch(
                 dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
                 augment=config.data.augment, dataset_stats=dataset, flip=config.data.flip,
+                shard=distributed.process_shard(),
             )  # fmt: skip
             return batch.images, batch.labels
 
