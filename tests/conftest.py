@@ -4,6 +4,7 @@ import importlib.util
 import os
 import pathlib
 
+import jax
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -17,6 +18,15 @@ FASHION_MNIST_DIR = os.environ.get(
 requires_fashion_mnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason="needs Debian's dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist)",
+)
+
+
+#: Tests whose subject is an XLA:CPU feature (forced host device counts): skipped with this
+#: reason on an accelerator (experiments/accelerator_check.sh runs the suite there).
+requires_cpu = pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="forces N host devices with XLA_FLAGS=--xla_force_host_platform_device_count, an "
+    "XLA:CPU feature; on an accelerator it would test the CPU, not the device",
 )
 
 

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIG_FILES, REPO, load_config, requires_fashion_mnist
+from conftest import CONFIG_FILES, REPO, load_config, requires_cpu, requires_fashion_mnist
 from flax import nnx
 
 from ptq_adversary import artifacts, config_lib
@@ -49,6 +49,7 @@ def _python(script: str, *args: str, devices: int, timeout: float = 600) -> str:
 
 
 # ------------------------------------------------------------------ validation on 1..8 devices
+@requires_cpu
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_every_smoke_config_validates_unchanged_on_1_2_4_8_devices(path):
     config = load_config(path, "smoke")
