@@ -1,7 +1,7 @@
 """experiments/accelerator_check.sh: its CPU dry run goes through every phase and reports.
 
-The dry run (~2 min on 2 cores) runs tests/test_quant.py, every benchmark item at tiny sizes
-(certify and the stage-B step on the cnn only) and a 2-step pipeline with one pair.
+The dry run runs tests/test_quant.py, every benchmark item at tiny sizes and a 2-step
+pipeline with one pair, all on the cnn (the ResNet-18 is the GPU run's).
 """
 
 import json
