@@ -16,6 +16,7 @@ nothing. With several (a GPU cluster, a TPU pod slice, or two CPU processes in t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,9 +24,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 
+from ptq_adversary import data
+
 __all__ = [
-    "process_shard", "process_rows", "data_mesh", "put_rows", "replicate", "agreed_stamp",
-    "barrier",
+    "process_shard", "process_rows", "data_mesh", "put_rows", "eval_arrays", "replicate",
+    "agreed_stamp", "barrier",
 ]  # fmt: skip
 
 
@@ -98,6 +101,26 @@ def put_rows(
             jax.make_array_from_process_local_data(sharding, a, (global_batch, *a.shape[1:]))
         )
     return tuple(out)
+
+
+def eval_arrays(
+    split: data.Split,
+    *,
+    batch_size: int,
+    dataset_stats: Any,
+    sharding: NamedSharding | None = None,
+) -> Iterator[tuple[Any, Any, Any]]:
+    """``data.eval_batches`` as ``(images, labels, mask)``, placed with ``sharding`` if given.
+
+    With a sharding each process reads only its rows of every batch (:func:`put_rows`);
+    without one the host arrays are yielded as they are.
+    """
+    shard = (0, 1) if sharding is None else process_shard()
+    for batch in data.eval_batches(
+        split, batch_size=batch_size, dataset_stats=dataset_stats, shard=shard
+    ):
+        arrays = (batch.images, batch.labels, batch.mask)
+        yield arrays if sharding is None else put_rows(arrays, sharding, batch_size)
 
 
 def replicate(tree: Any, sharding: NamedSharding) -> Any:

@@ -61,14 +61,10 @@ def evaluate_pair(
         weights = distributed.replicate(weights, NamedSharding(data_sharding.mesh, PartitionSpec()))
     key = jax.random.PRNGKey(seed)
     totals = None
-    # With a mesh, each process reads only its rows of every batch.
-    shard = (0, 1) if data_sharding is None else distributed.process_shard()
-    for i, batch in enumerate(
-        data.eval_batches(split, batch_size=batch_size, dataset_stats=dataset, shard=shard)
-    ):
-        arrays = (batch.images, batch.labels, batch.mask)
-        if data_sharding is not None:
-            arrays = distributed.put_rows(arrays, data_sharding, batch_size)
+    batches = distributed.eval_arrays(
+        split, batch_size=batch_size, dataset_stats=dataset, sharding=data_sharding
+    )
+    for i, arrays in enumerate(batches):
         out = eval_step(*weights, *arrays, jax.random.fold_in(key, i))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)

@@ -121,14 +121,9 @@ def evaluate(
     """
     bits = steps.uniform_bits(uniform_bits, batch_size, num_sites)
     totals = None
-    # With a mesh, each process reads only its rows of every batch.
-    shard = (0, 1) if data_sharding is None else distributed.process_shard()
-    for batch in data.eval_batches(
-        split, batch_size=batch_size, dataset_stats=dataset, shard=shard
+    for arrays in distributed.eval_arrays(
+        split, batch_size=batch_size, dataset_stats=dataset, sharding=data_sharding
     ):
-        arrays = (batch.images, batch.labels, batch.mask)
-        if data_sharding is not None:
-            arrays = distributed.put_rows(arrays, data_sharding, batch_size)
         out = eval_step(params, rest, *arrays, bits)
         # Summed on device; a single transfer at the end keeps the loop asynchronous.
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
