@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config, requires_fashion_mnist
 from flax import nnx
 
 from ptq_adversary import audit, config_lib, models, policy, transform
+from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, load_config, requires_fashion_mnist
 
 from ptq_adversary import config_lib, data, main
 from ptq_adversary.checkpoint import Checkpointer
+from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 
 def _config(name: str, arg: str = "smoke", **overrides: Any):

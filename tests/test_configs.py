@@ -2,9 +2,9 @@
 
 import ml_collections
 import pytest
-from conftest import CONFIG_FILES, REPO, load_config
 
 from ptq_adversary import config_lib
+from tests.helpers import CONFIG_FILES, REPO, load_config
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, requires_fashion_mnist
+
+from tests.helpers import REPO, requires_fashion_mnist
 
 
 @requires_fashion_mnist

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, requires_fashion_mnist
+
+from tests.helpers import REPO, requires_fashion_mnist
 
 
 def _run(*args, timeout=120):

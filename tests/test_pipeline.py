@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, load_config, requires_fashion_mnist
 from flax import nnx
 
 from ptq_adversary import artifacts, config_lib, data, evaluation, models, policy, steps
 from ptq_adversary.trainers import pipeline
+from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 
-def _tiny_pair(seed=0):
+def tiny_pair(seed=0):
     model = models.create_model(
         "cnn", num_classes=10, in_channels=1, rngs=nnx.Rngs(seed), widths=(4, 4, 8, 8)
     )
@@ -39,7 +39,7 @@ def _batch(n=16, seed=0):
 
 @pytest.mark.parametrize("mode", steps.MODES)
 def test_pair_step_updates_network_and_policy_and_compiles_once(mode):
-    _, (g, p, r), pspec, (pg, pp, pr) = _tiny_pair()
+    _, (g, p, r), pspec, (pg, pp, pr) = tiny_pair()
     opt, popt = optax.adam(1e-2), optax.adam(1e-2)
     traces = []
     inner = steps.make_pair_train_step(
@@ -69,7 +69,7 @@ def test_pair_step_updates_network_and_policy_and_compiles_once(mode):
 
 
 def test_stage_c_equals_a_python_loop_over_examples_and_allocations():
-    model, (g, p, r), pspec, (pg, pp, pr) = _tiny_pair(seed=3)
+    model, (g, p, r), pspec, (pg, pp, pr) = tiny_pair(seed=3)
     # A policy that prefers different bits per site, so greedy differs from uniform.
     pp = jax.tree.map(lambda x: x + 0.3 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), pp)
     rng = np.random.default_rng(0)
@@ -221,10 +221,10 @@ def test_interrupted_stage_b_resumes_to_the_same_pair(smoke_pipeline, tmp_path, 
 _MULTI_DEVICE_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-import test_pipeline as t
+from tests import test_pipeline as t
 from ptq_adversary import artifacts, data, evaluation
 assert jax.device_count() == 4
-model, (g, p, r), pspec, (pg, pp, pr) = t._tiny_pair()
+model, (g, p, r), pspec, (pg, pp, pr) = t.tiny_pair()
 # Committed to one device, as orbax restores an artifact.
 p, r, pp, pr = jax.device_put((p, r, pp, pr), jax.devices()[0])
 rng = np.random.default_rng(0)
@@ -251,7 +251,7 @@ def test_stage_c_with_batches_sharded_over_four_devices():
     import sys
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))  # fmt: skip
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -5,9 +5,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import REPO
 
 from ptq_adversary import quant
+from tests.helpers import REPO
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import pytest
-from test_analysis import make_fake_run, tiny_dataset
 
 from ptq_adversary import analysis, report
+from tests.test_analysis import make_fake_run, tiny_dataset
 
 PNGS = (
     "accuracy_drops.png", "bit_histograms.png", "class_bits.png", "flip_vs_margin.png",

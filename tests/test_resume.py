@@ -19,10 +19,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, requires_fashion_mnist
 
 from ptq_adversary import artifacts
 from ptq_adversary.checkpoint import COMMIT_FILE
+from tests.helpers import REPO, requires_fashion_mnist
 
 pytestmark = [pytest.mark.integration, requires_fashion_mnist]
 

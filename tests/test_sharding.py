@@ -26,10 +26,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import CONFIG_FILES, REPO, load_config, requires_cpu, requires_fashion_mnist
 from flax import nnx
 
 from ptq_adversary import artifacts, config_lib
+from tests.helpers import CONFIG_FILES, REPO, load_config, requires_cpu, requires_fashion_mnist
 
 #: Largest |difference| allowed between 1- and 4-device runs: in the weights of the selected
 #: pair and in every logged metric (relative to max(1, |value|)). Measured: see the README.
@@ -37,7 +37,7 @@ TOLERANCE = 1e-5
 
 
 def _env(devices: int) -> dict[str, str]:
-    return dict(os.environ, TQDM_DISABLE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"),
+    return dict(os.environ, TQDM_DISABLE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")  # fmt: skip
 
 
@@ -113,7 +113,7 @@ def run_stage_b(student_dir: str, workdir: str) -> dict:
 
 _STAGE_B = """
 import json, sys
-import test_sharding
+from tests import test_sharding
 print(json.dumps(test_sharding.run_stage_b(*sys.argv[1:3])))
 """
 
@@ -170,7 +170,7 @@ def test_stage_b_and_evaluation_same_on_1_and_4_devices(student_dir, tmp_path):
 # ------------------------------------------------------------------ smoke configs on 8 devices
 _PIPELINE = """
 import json, os, sys
-from conftest import REPO, load_config
+from tests.helpers import REPO, load_config
 from ptq_adversary import main
 import jax
 

@@ -7,11 +7,11 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config, requires_fashion_mnist
 
 from ptq_adversary import config_lib, data, steps
 from ptq_adversary.checkpoint import Checkpointer
 from ptq_adversary.trainers import supervised
+from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 pytestmark = [pytest.mark.integration, requires_fashion_mnist]
 
