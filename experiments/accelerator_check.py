@@ -22,7 +22,7 @@ models: the default student (``cnn``, 28x28x1, 4 sites) and a ResNet-18 at CIFAR
 Each item writes ``DIR/bench_<item>.json``; an item that fails records its error and the rest
 still run. ``report`` gathers those, ``DIR/tests.json`` and ``DIR/pair/`` (written by the shell
 script) into ``DIR/report.md`` and ``DIR/report.json``, with the device name and the tuning
-entries (``steps.POLICY_CHUNK_EXAMPLES``, ``steps.GRAD_CHUNK_EXAMPLES``) the measurements
+entries (``backend.POLICY_CHUNK_EXAMPLES``, ``backend.GRAD_CHUNK_EXAMPLES``) the measurements
 suggest for this backend.
 """
 
@@ -382,11 +382,11 @@ def write_report(out: pathlib.Path, dry: bool) -> dict[str, Any]:
     pol = report["bench"].get("policies") or {}
     grad = report["bench"].get("stage_b") or {}
     if pol.get("suggested_policy_chunk_examples"):
-        tuning["steps.POLICY_CHUNK_EXAMPLES"] = {
+        tuning["backend.POLICY_CHUNK_EXAMPLES"] = {
             info["backend"]: min(pol["suggested_policy_chunk_examples"].values())
         }
     if grad.get("suggested_grad_chunk_examples"):
-        tuning["steps.GRAD_CHUNK_EXAMPLES"] = {
+        tuning["backend.GRAD_CHUNK_EXAMPLES"] = {
             info["backend"]: min(grad["suggested_grad_chunk_examples"].values())
         }
     report["suggested_tuning"] = tuning

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax import nnx  # noqa: E402
 
-from ptq_adversary import artifacts, audit, data, metrics, models, policy  # noqa: E402
+from ptq_adversary import artifacts, audit, data, io, models, policy  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 BUDGET = 4.0
@@ -136,7 +136,7 @@ def main() -> None:
         "fp_accuracy": float(fp_right.mean()),
         "rows": rows,
     }
-    metrics.write_json_atomic(os.path.join(args.out, "search.json"), info)
+    io.write_json_atomic(os.path.join(args.out, "search.json"), info)
     lines = [
         f"Search at equal cost on the {args.source} ({loaded.spec.name}) of `{args.pipeline}`, "
         f"first {len(y)} Fashion-MNIST test images, choices {list(CHOICES)}, budget {BUDGET:g} "
@@ -151,7 +151,7 @@ def main() -> None:
             f"| {r['method']} | {r['evaluations']} | {r['accuracy']:.2%} | "
             f"{r['flip_rate']:.2%} | {r['reached_exact_worst']:.1%} | {r['seconds']} |"
         )
-    metrics.write_text_atomic(os.path.join(args.out, "search.md"), "\n".join(lines) + "\n")
+    io.write_text_atomic(os.path.join(args.out, "search.md"), "\n".join(lines) + "\n")
     _plot(rows, os.path.join(args.out, "search.png"))
     print("\n".join(lines))
 

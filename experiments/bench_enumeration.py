@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptq_adversary import audit, models, policy, steps
+from ptq_adversary import audit, backend, models, policy, steps
 
 NAME = "exhaustive enumeration"
 GOAL = "prefix-shared enumeration >= 3x faster than naive per-allocation evaluation"
@@ -57,7 +57,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         return logits
 
     alloc_dev = [jnp.asarray(a) for a in allocs]
-    chunk = steps.policy_chunk(n, batch)
+    chunk = backend.policy_chunk(n, batch)
 
     @jax.jit
     def vmapped(allocs_nl):
@@ -129,7 +129,7 @@ def _level_costs(model, graphdef, params, rest, x, allocs, rounds):
     """Per-level cost of the prefix-shared path, run the way ``audit.exhaustive`` runs it.
 
     Each level (a segment of stages, see ``audit._segments``) is timed on its own over all its
-    rows in groups of ``audit.ROW_BRANCHES`` prefixes per call. Returns the rows of the table,
+    rows in groups of ``backend.ROW_BRANCHES`` prefixes per call. Returns the rows of the table,
     the work bound ``sum_s c_s * N / sum_s c_s * n_s`` (``c_s`` the cost per row of level
     ``s``, ``N`` allocations, ``n_s`` rows) and the time of the last level, which runs once
     per allocation whatever is shared above it.

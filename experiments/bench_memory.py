@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ptq_adversary import models, steps
+from ptq_adversary import backend, models, steps
 
 NAME = "memory vs P"
 GOAL = "activation memory of chunked evaluation flat in P beyond the chunk (<= 1.1x)"
@@ -89,11 +89,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     mib = 1 / 2**20
     for num_policies in policies:
         images, labels, bits = _inputs(num_policies, model.num_sites)
-        auto = f"auto (chunk {steps.policy_chunk(num_policies, BATCH)})"
+        auto = f"auto (chunk {backend.policy_chunk(num_policies, BATCH)})"
         for mode, c in (("vmap", num_policies), (auto, None)):
             fn = jax.jit(_evaluator(graphdef, c))
             stats = fn.lower(params, rest, images, labels, bits).compile().memory_analysis()
-            looped = mode != "vmap" and steps.policy_chunk(num_policies, BATCH) < num_policies
+            looped = mode != "vmap" and backend.policy_chunk(num_policies, BATCH) < num_policies
             activations = stats.temp_size_in_bytes - (bits.nbytes if looped else 0)
             temp[(mode.split()[0], num_policies)] = activations
             rows.append({
@@ -109,7 +109,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 if row["P"] == num_policies and row["mode"].startswith(mode):
                     row["process peak RSS MiB"] = rss
         notes.append("process peak RSS includes ~0.4-0.5 GiB for Python, jax and XLA itself")
-    chunk = steps.policy_chunk(max(policies), BATCH)
+    chunk = backend.policy_chunk(max(policies), BATCH)
     flat_from = min(p for p in policies if p > chunk)
     ratio = temp[("auto", max(policies))] / max(temp[("auto", flat_from)], 1)
     vmap_ratio = temp[("vmap", max(policies))] / max(temp[("vmap", flat_from)], 1)

@@ -10,7 +10,7 @@ arguments (as in the trainers):
 * ``auto``: ``steps.map_policies`` with the library's per-backend default chunk;
 * ``loop``: a Python loop of P calls of one jitted single-allocation function;
 
-each with the library's default batch branches (``models.inference_branches``: the batch cut
+each with the library's default batch branches (``backend.inference_branches``: the batch cut
 into independent parts of ~16 examples that XLA:CPU runs concurrently), plus ``auto, 1 branch``
 (the same without branches, as before they existed), against the **limit**
 ``P x (full-precision forward of the same batch, with the same sums)``, where the FP forward is
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ptq_adversary import models, policy, policy_net, steps
+from ptq_adversary import backend, models, policy, policy_net, steps
 
 NAME = "P-policy evaluation vs its limit"
 GOAL = "best mode <= 1.3x the limit P x (FP forward of the batch) for every P (default cnn)"
@@ -64,7 +64,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     images = jax.random.normal(key, (batch, 28, 28, 1))
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 10)
 
-    branches = models.inference_branches(batch)
+    branches = backend.inference_branches(batch)
 
     def fp_eval(params, rest, images, labels, branches=1):
         logits = models.apply_model(graphdef, params, rest, images, branches=branches)[0]
@@ -107,7 +107,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     for num_policies, chunks in plan.items():
         bits = bench_lib.random_bits(jax.random.fold_in(key, num_policies),
                                      (num_policies, batch, num_sites))  # fmt: skip
-        auto_chunk = steps.policy_chunk(num_policies, batch)
+        auto_chunk = backend.policy_chunk(num_policies, batch)
         modes: dict[str, Any] = {}
         per_call: dict[str, int] = {}  # policies per vmapped call
         compile_s: dict[str, float] = {}
@@ -152,8 +152,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"({1e6 * fp_s / batch:.0f} us/example; one branch "
         f"{1e3 * fp_times['fp']['median_s']:.1f} ms, {branches} branches "
         f"{1e3 * fp_times['fp branched']['median_s']:.1f} ms: the limit uses the faster); "
-        f"library defaults POLICY_CHUNK_EXAMPLES = {steps.POLICY_CHUNK_EXAMPLES}, "
-        f"INFERENCE_BRANCH_EXAMPLES = {models.INFERENCE_BRANCH_EXAMPLES} "
+        f"library defaults POLICY_CHUNK_EXAMPLES = {backend.POLICY_CHUNK_EXAMPLES}, "
+        f"INFERENCE_BRANCH_EXAMPLES = {backend.INFERENCE_BRANCH_EXAMPLES} "
         f"({branches} branches at B = {batch})",
         f"logits with {branches} branches bit-identical to one branch: {identical}",
         "best mode / limit below 1 is possible for P > 1: the first conv reads the image "

@@ -4,7 +4,7 @@
    quantized forward (random per-example bits) and quantized forward + backward (stage B's
    network gradient, BatchNorm frozen), in microseconds per example. On XLA:CPU the cost per
    example rises once a call holds a few hundred examples; that is what
-   ``steps.POLICY_CHUNK_EXAMPLES`` (the chunk ``steps.map_policies`` aims for) rests on.
+   ``backend.POLICY_CHUNK_EXAMPLES`` (the chunk ``steps.map_policies`` aims for) rests on.
 2. Sites: ``cnn`` variants with 2 to 8 convolutions (sites = convs - 1 + head) and a
    ResNet-20 at half width (21 sites), batch 128: FP and quantized forward time, and their
    ratio (the cost of fake-quantizing every site).
@@ -23,7 +23,7 @@ import bench_lib  # noqa: I001  (sets sys.path to the repository)
 import jax
 import jax.numpy as jnp
 
-from ptq_adversary import models, steps
+from ptq_adversary import backend, models
 
 NAME = "scaling with batch size and sites"
 GOAL = "curves (no pass/fail): per-example cost vs batch, cost vs sites"
@@ -100,7 +100,7 @@ def run(quick: bool = False, plot_dir: str | None = None) -> dict[str, Any]:
             for k, v in per_example.items()}  # fmt: skip
     notes = [
         f"cheapest batch per example: {best}; library default chunk target "
-        f"POLICY_CHUNK_EXAMPLES = {steps.POLICY_CHUNK_EXAMPLES}",
+        f"POLICY_CHUNK_EXAMPLES = {backend.POLICY_CHUNK_EXAMPLES}",
     ]
     return {"name": NAME, "goal": GOAL, "metric": None, "ratio": None, "met": None,
             "rows": rows, "plots": plots, "notes": notes}  # fmt: skip

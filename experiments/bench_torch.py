@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import models, policy, policy_net, steps
+from ptq_adversary import backend, models, policy, policy_net, steps
 
 NAME = "stage-B step vs PyTorch eager"
 GOAL = "ours >= 1.5x the steps/s of the same step in PyTorch eager (same CPU and threads)"
@@ -246,7 +246,7 @@ def _compare(torch, threads: int, quick: bool, vmap_row: bool = False) -> dict[s
     """Both steps on the same data, timed in interleaved rounds at ``threads`` torch threads.
 
     With ``vmap_row``, also our step with its 8 quantized passes as one vmap instead of the
-    library's default chunks (the evidence for ``steps.GRAD_CHUNK_EXAMPLES``).
+    library's default chunks (the evidence for ``backend.GRAD_CHUNK_EXAMPLES``).
     """
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -465,7 +465,7 @@ def _profile(quick: bool) -> list[dict[str, Any]]:
         "quantized forward+backward, 256": (jax.jit(jax.grad(fwd)), (params, xq, bits)),
     }
     if not quick:
-        default = steps.policy_chunk(NUM_SAMPLES, QUANT_BATCH, differentiated=True)
+        default = backend.policy_chunk(NUM_SAMPLES, QUANT_BATCH, differentiated=True)
         for name, chunk, unroll in (("one vmap", NUM_SAMPLES, False),
                                     ("unrolled chunks of 4", 4, True),
                                     (f"unrolled chunks of {default} (default)", default, True),

@@ -55,7 +55,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import models
+from ptq_adversary import backend, models
 
 NAME = "transformed zoo vs hand-written layers"
 GOAL = "new (zoo + transform) / old (1dbe6eb layers) steady-state time <= 1.1 in every case"
@@ -183,7 +183,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             rows += _model_rows(legacy, name, c, hw, batch, reps)
     ratio = max(r["new / old"] for r in rows)
     batches = sorted({r["examples/call"] for r in rows if "policies" not in r["case"]})
-    branches = {b: models.inference_branches(b) for b in batches}
+    branches = {b: backend.inference_branches(b) for b in batches}
     notes = [
         f"command: `{COMMAND}{' --quick' if quick else ''}`",
         f"old: ptq_adversary/{{layers,models,quant}}.py of {commit[:12]} (materialized from "

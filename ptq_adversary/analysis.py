@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary import artifacts, corruptions, data, models, policy
+from ptq_adversary import artifacts, corruptions, data, models, policy, policy_net
 
 __all__ = [
     "load_pair",
@@ -115,25 +115,13 @@ def pair_forward(
       int32 ``bit_idx [B, L]`` (indices into ``budget.choices``).
     """
     fp_logits, _ = models.apply_model(graphdef, params, rest, images)
-    policy_logits = nnx.merge(policy_graphdef, policy_params, policy_rest)(images)
-    bit_idx = jax.vmap(lambda lg: policy.greedy(lg, budget))(policy_logits)
+    bit_idx = policy_net.greedy_allocation(
+        policy_graphdef, policy_params, policy_rest, images=images, budget=budget
+    )
     q_logits, _ = models.apply_model(
         graphdef, params, rest, images, policy.to_bits(bit_idx, budget)
     )
     return fp_logits, q_logits, bit_idx
-
-
-def _padded_batches(n: int, batch_size: int):
-    """(start, stop, pad) for fixed-size batches over ``n`` examples (last one padded)."""
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        yield start, stop, batch_size - (stop - start)
-
-
-def _pad(x: np.ndarray, pad: int) -> np.ndarray:
-    if pad == 0:
-        return x
-    return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
 
 
 def predict_pair(
@@ -160,8 +148,8 @@ def predict_pair(
         budget=pol.spec.budget_spec,
     )
     outs: list[tuple[np.ndarray, ...]] = []
-    for start, stop, pad in _padded_batches(len(images), batch_size):
-        batch = _pad(np.asarray(images[start:stop]), pad)
+    for start, stop, pad in data.padded_batches(len(images), batch_size):
+        batch = data.pad_rows(np.asarray(images[start:stop]), pad)
         out = forward(model.params, model.rest, pol.params, pol.rest, batch)
         outs.append(tuple(np.asarray(o)[: stop - start] for o in out))
     fp, q, idx = (np.concatenate(parts) for parts in zip(*outs, strict=True))
@@ -534,12 +522,12 @@ def allocation_accuracy(
         return jax.lax.map(one, bits)
 
     total = np.zeros(bits.shape[0], np.float64)
-    for start, stop, pad in _padded_batches(len(images), batch_size):
-        mask = _pad(np.ones(stop - start, np.float32), pad)
+    for start, stop, pad in data.padded_batches(len(images), batch_size):
+        mask = data.pad_rows(np.ones(stop - start, np.float32), pad)
         total += np.asarray(
             correct(
-                _pad(np.asarray(images[start:stop]), pad),
-                _pad(np.asarray(labels[start:stop], np.int32), pad),
+                data.pad_rows(np.asarray(images[start:stop]), pad),
+                data.pad_rows(np.asarray(labels[start:stop], np.int32), pad),
                 mask,
             )
         )
@@ -705,8 +693,8 @@ def evaluate_corruptions(
 
     def run(corrupt) -> dict[str, dict[str, np.ndarray]]:
         outs: dict[str, list] = {p: [] for p in pairs}
-        for i, (start, stop, pad) in enumerate(_padded_batches(n, batch_size)):
-            x = _pad(raw[start:stop], pad)
+        for i, (start, stop, pad) in enumerate(data.padded_batches(n, batch_size)):
+            x = data.pad_rows(raw[start:stop], pad)
             x = np.asarray(corrupt(i, x)) if corrupt is not None else x
             x = data.normalize(x * np.float32(255.0), mean, std)
             for p, (model, pol) in pairs.items():

@@ -14,7 +14,6 @@ RNG) of the run that made it::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any
@@ -23,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ptq_adversary import distributed, metrics, models, policy
+from ptq_adversary import distributed, io, models, policy
 from ptq_adversary.policy_net import PolicyNet
 
 __all__ = [
@@ -158,7 +157,7 @@ def _save(directory: str, spec: Any, params: nnx.State, rest: nnx.State) -> None
         )
     if jax.process_index() == 0:
         record = {**dataclasses.asdict(spec), _STATE_KEY: name}
-        metrics.write_json_atomic(os.path.join(directory, _SPEC_FILE), record)
+        io.write_json_atomic(os.path.join(directory, _SPEC_FILE), record)
         for entry in os.scandir(directory):
             if entry.is_dir() and entry.name.startswith(_STATE_DIR) and entry.name != name:
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -169,8 +168,7 @@ def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, 
     directory = os.path.abspath(directory)
     if not exists(directory):
         raise FileNotFoundError(f"no artifact ({_SPEC_FILE}) in {directory}")
-    with open(os.path.join(directory, _SPEC_FILE), encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = io.read_json(os.path.join(directory, _SPEC_FILE))
     state_dir = raw.pop(_STATE_KEY, _STATE_DIR)  # artifacts written before: plain "state"
     spec = spec_type(**{k: _tuples(v) for k, v in raw.items()})
     module = make(spec)

@@ -50,19 +50,19 @@ import optax
 from flax import nnx
 from jax.typing import ArrayLike
 
+from ptq_adversary import backend, data, io, metrics, plotting, policy, steps
 from ptq_adversary import certify as certify_lib
-from ptq_adversary import data, policy
 from ptq_adversary.models import (
     QuantizedModel,
     apply_model,
     as_quantized_model,
     batch_branches,
     check_program,
-    inference_branches,
     quantized_program,
     split_model,
 )
 from ptq_adversary.policy import low_bit_starts
+from ptq_adversary.policy_net import PolicyNet, greedy_allocation
 
 __all__ = [
     "METHODS",
@@ -240,15 +240,15 @@ def _plan(levels: Sequence[PrefixLevel]) -> list[_Segment]:
 
 
 def _grouped_level(graphdef, params, rest, segment: _Segment, h: list) -> list:
-    """One segment's rows, ``ROW_BRANCHES`` prefixes per call (``row_chunk == 1``).
+    """One segment's rows, ``backend.ROW_BRANCHES`` prefixes per call (``row_chunk == 1``).
 
     ``h``: the previous segment's activations, one ``[B, ...]`` per row. Returns this
     segment's, one per row. The last group is padded with its last row, so every call of a
     segment runs the same program.
     """
     rows_total = len(segment.bits)
-    g = max(1, min(ROW_BRANCHES.get(jax.default_backend(), 1), rows_total))
-    branches = inference_branches(jax.tree.leaves(h[0])[0].shape[0]) if g == 1 else 1
+    g = backend.row_branches(rows_total)
+    branches = backend.inference_branches(jax.tree.leaves(h[0])[0].shape[0]) if g == 1 else 1
     out = []
     for r0 in range(0, rows_total, g):
         rows = [min(r, rows_total - 1) for r in range(r0, r0 + g)]
@@ -269,21 +269,6 @@ def _model_call(graphdef, params, rest, images, bits_l):
 @jax.jit
 def _losses(logits_nbc, labels):
     return jax.vmap(lambda lg: _loss_and_correct(lg, labels))(logits_nbc)
-
-
-def _default_row_chunk() -> int:
-    # XLA:CPU runs a conv on B examples faster per example than on R x B (experiments/
-    # bench_enumeration.py), so on CPU every prefix is its own call; accelerators like width.
-    return 1 if jax.default_backend() == "cpu" else 16
-
-
-#: Prefixes per call as independent branches of one program (``row_chunk == 1``), per backend:
-#: XLA:CPU overlaps their kernels. A call with several prefixes gives each its whole batch (no
-#: batch branches); a lone prefix gets the usual batch branches. Default student, 109
-#: allocations x 256 examples (``python experiments/bench_enumeration.py``, 2-core Xeon):
-#: 2.35x faster than the per-allocation loop, bit-identical; 1.64x when every prefix of the
-#: 8 also had 8 batch branches, and without joining the 1:1 head level to the last conv.
-ROW_BRANCHES: dict[str, int] = {"cpu": 8}
 
 
 def exhaustive(
@@ -327,7 +312,7 @@ def exhaustive(
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     allocations = np.asarray(allocations, np.int32)
-    row_chunk = row_chunk or _default_row_chunk()
+    row_chunk = row_chunk or backend.default_row_chunk()
     sites = _stage_sites(model)
     if prefix_sharing:
         levels, order = prefix_tree(allocations, sites)
@@ -365,18 +350,14 @@ def exhaustive(
 
 
 def _chunked_over_examples(run, images, labels, chunk):
-    n = images.shape[0]
-    chunk = max(1, min(chunk, n))
+    images, labels = np.asarray(images), np.asarray(labels)
+    chunk = max(1, min(chunk, images.shape[0]))
     losses, corrects = [], []
-    for start in range(0, n, chunk):
-        x, y = images[start : start + chunk], labels[start : start + chunk]
-        pad = chunk - x.shape[0]
-        if pad:
-            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    for start, stop, pad in data.padded_batches(images.shape[0], chunk):
+        x, y = (data.pad_rows(a[start:stop], pad) for a in (images, labels))
         loss, correct = run(x, y)
-        losses.append(np.asarray(loss)[:, : chunk - pad])
-        corrects.append(np.asarray(correct)[:, : chunk - pad])
+        losses.append(np.asarray(loss)[:, : stop - start])
+        corrects.append(np.asarray(correct)[:, : stop - start])
     return np.concatenate(losses, axis=1), np.concatenate(corrects, axis=1)
 
 
@@ -763,8 +744,6 @@ def train_policy(
     Returns:
       The trained :class:`~ptq_adversary.policy_net.PolicyNet`.
     """
-    from ptq_adversary import metrics, steps  # noqa: PLC0415 (steps imports models; keep light)
-    from ptq_adversary.policy_net import PolicyNet  # noqa: PLC0415
 
     images, labels = _check_inputs(images, labels)
     graphdef, params, rest = split_model(model)
@@ -818,8 +797,8 @@ def policy_allocations(
 
     @jax.jit
     def alloc(state, x):
-        logits = nnx.merge(graphdef, state)(x)
-        return policy.to_bits(jax.vmap(lambda lg: policy.greedy(lg, budget))(logits), budget)
+        idx = greedy_allocation(graphdef, state, images=x, budget=budget)
+        return policy.to_bits(idx, budget)
 
     images = np.asarray(images, np.float32)
     return np.concatenate(
@@ -1359,8 +1338,6 @@ def write_report(
     """
     import os  # noqa: PLC0415
 
-    from ptq_adversary import metrics  # noqa: PLC0415
-
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         k: os.path.join(out_dir, f)
@@ -1375,7 +1352,7 @@ def write_report(
         )
     }
     summary = result.summary()
-    metrics.write_json_atomic(paths["json"], summary)
+    io.write_json_atomic(paths["json"], summary)
 
     rows = ["method,accuracy,drop_points,flip_rate,evaluations_per_example,seconds"]
     for name, m in summary["methods"].items():
@@ -1383,7 +1360,7 @@ def write_report(
             f"{name},{m['accuracy']:.6f},{m['drop_points']:.4f},{m['flip_rate']:.6f},"
             f"{m['evaluations_per_example']},{m['seconds']}"
         )
-    metrics.write_text_atomic(paths["methods_csv"], "\n".join(rows) + "\n")
+    io.write_text_atomic(paths["methods_csv"], "\n".join(rows) + "\n")
 
     site_cols = ",".join(f"bits_{s}" for s in result.site_names)
     rows = [
@@ -1401,9 +1378,9 @@ def write_report(
             f"{result.loss_increase[i]:.5f},{int(status[i] == 'vulnerable')},"
             f"{int(result.min_low_bit_sites[i])},{bits}"
         )
-    metrics.write_text_atomic(paths["examples_csv"], "\n".join(rows) + "\n")
+    io.write_text_atomic(paths["examples_csv"], "\n".join(rows) + "\n")
 
-    metrics.write_text_atomic(paths["markdown"], _markdown(result, summary, title, top))
+    io.write_text_atomic(paths["markdown"], _markdown(result, summary, title, top))
     _plots(result, paths)
     return paths
 
@@ -1512,15 +1489,6 @@ def _markdown(result: AuditResult, summary: dict[str, Any], title: str, top: int
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
 def _bar_label_x(value: float, line: float, width: float, gap: float = 1.0):
     """Where a horizontal bar's value label goes so that it stays clear of a vertical line.
 
@@ -1546,7 +1514,7 @@ def _bar_label_x(value: float, line: float, width: float, gap: float = 1.0):
 def _accuracy_figure(result: AuditResult):
     """Accuracy per method as bars against the FP accuracy (a dashed line behind the bars,
     its value in the legend); each bar's value label is placed clear of the line."""
-    plt = _pyplot()
+    plt = plotting.pyplot()
     names = list(result.methods)
     acc = [100 * result.methods[n].accuracy for n in names]
     fp = 100 * result.fp_accuracy
@@ -1591,7 +1559,7 @@ def _margin_figure(result: AuditResult):
     curves are drawn with smaller markers on top, so overlapping curves all stay visible; a
     curve equal to an earlier one says so in the legend.
     """
-    plt = _pyplot()
+    plt = plotting.pyplot()
     names = list(result.methods)
     right = result.fp_correct.astype(bool)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -1637,7 +1605,7 @@ def _margin_figure(result: AuditResult):
 
 
 def _plots(result: AuditResult, paths: dict[str, str]) -> None:
-    plt = _pyplot()
+    plt = plotting.pyplot()
     for kind, figure in (("accuracy_png", _accuracy_figure), ("margin_png", _margin_figure)):
         fig = figure(result)
         fig.savefig(paths[kind], dpi=130)

@@ -71,6 +71,8 @@ __all__ = [
     "load_dataset",
     "main",
     "normalize",
+    "pad_rows",
+    "padded_batches",
     "prepare",
     "read_idx",
     "steps_per_epoch",
@@ -879,6 +881,27 @@ def train_batch(
     )
 
 
+def padded_batches(n: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """Fixed-size batches over ``n`` examples, the last one padded (so a jitted step compiles once).
+
+    Yields:
+      ``(start, stop, pad)``: the batch holds examples ``[start, stop)`` followed by ``pad`` padding
+      rows, ``stop - start + pad == batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield start, stop, batch_size - (stop - start)
+
+
+def pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
+    """``x [N, ...]`` with ``pad`` zero rows appended: ``[N + pad, ...]``, the same dtype."""
+    if pad == 0:
+        return x
+    return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+
+
 def eval_batches(
     split: Split,
     *,
@@ -910,19 +933,13 @@ def eval_batches(
         for batch in eval_batches(split, batch_size=batch_size, dataset_stats=dataset_stats):
             yield EvalBatch(*(a[rows] for a in batch))
         return
-    n = len(split)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        real = stop - start
+    for start, stop, pad in padded_batches(len(split), batch_size):
         images = normalize(split.images[start:stop], dataset_stats.mean, dataset_stats.std)
-        labels = split.labels[start:stop]
         mask = np.zeros((batch_size,), np.float32)
-        mask[:real] = 1.0
-        if real < batch_size:
-            pad = batch_size - real
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-            labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
-        yield EvalBatch(images=images, labels=labels, mask=mask)
+        mask[: stop - start] = 1.0
+        yield EvalBatch(
+            images=pad_rows(images, pad), labels=pad_rows(split.labels[start:stop], pad), mask=mask
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,13 +19,13 @@ import jax
 import numpy as np
 import tqdm
 
+from ptq_adversary import io
+
 __all__ = [
     "MetricWriter",
     "NonFiniteError",
     "progress_bar",
     "to_host",
-    "write_json_atomic",
-    "write_text_atomic",
 ]
 
 
@@ -79,7 +78,7 @@ class MetricWriter:
                     break
                 if line.endswith("\n") and record["step"] <= step:
                     kept.append(line)
-        write_text_atomic(self.path, "".join(kept))
+        io.write_text_atomic(self.path, "".join(kept))
 
     def write(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
         """Writes one record; raises :class:`NonFiniteError` naming the metric if any is NaN/inf.
@@ -117,21 +116,3 @@ def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool 
         disable=disable,
         smoothing=0.1,
     )
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written).
-
-    A reader sees the old file or the new one, never a mix, even if the process is killed.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

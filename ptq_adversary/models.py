@@ -31,22 +31,18 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary import transform, zoo
+from ptq_adversary import backend, transform, zoo
 
 __all__ = [
     "MODELS",
     "FunctionNet",
     "QuantizedModel",
-    "INFERENCE_BRANCH_EXAMPLES",
-    "MAX_INFERENCE_BRANCHES",
-    "MIN_BRANCHED_BATCH",
     "apply_model",
     "as_quantized_model",
     "batch_branches",
     "check_program",
     "count_params",
     "create_model",
-    "inference_branches",
     "load_factory",
     "quantized_fn",
     "quantized_program",
@@ -364,47 +360,6 @@ def _call_net(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Arr
     return nnx.merge(graphdef, state)(x)
 
 
-#: Examples per independent branch of a quantized inference pass, per backend (see
-#: :func:`inference_branches`). On XLA:CPU (jax 0.10) every per-example range reduction of the
-#: activation quantizer splits the forward pass into separate conv, reduce and elementwise
-#: kernels that run one after another, each over the whole batch; cutting the batch into
-#: independent branches of ~16 examples lets the runtime overlap one branch's quantizer with
-#: another's convolutions (default student at B = 128: 1.1-1.6x faster than one branch,
-#: experiments/bench_policies.py). Backends not listed (GPU, TPU: not measured) run the whole
-#: batch as one branch.
-INFERENCE_BRANCH_EXAMPLES: dict[str, int] = {"cpu": 16}
-
-#: Upper bound on the automatic branch count: the program holds one copy of the model per
-#: branch, and compile time grows with it (eval step of the default student: ~3 s with one
-#: branch, ~3.5 s with 4, ~7 s with 8, ~11 s with 16, measured once). In the runs of
-#: experiments/bench_policies.py on 2026-11-30, 64-256 policies at B = 128 cost 0.70-1.00x
-#: the limit (P FP passes) with 8 branches and 1.18-1.30x with 4.
-MAX_INFERENCE_BRANCHES = 8
-
-#: Smallest batch that is split automatically: below it a pass takes a few milliseconds, and
-#: the extra compile time of the branch copies (seconds per program) outweighs the gain in
-#: short jobs (the smoke configs and tests evaluate 64 examples or fewer).
-MIN_BRANCHED_BATCH = 128
-
-
-def inference_branches(batch: int, backend: str | None = None) -> int:
-    """The default number of batch branches for a quantized inference pass over ``batch``.
-
-    Args:
-      batch: ``B``, examples in the pass (per policy when vmapped over policies).
-      backend: ``jax.default_backend()`` if None.
-
-    Returns:
-      ``round(B / INFERENCE_BRANCH_EXAMPLES[backend])`` clipped to
-      ``[1, MAX_INFERENCE_BRANCHES]``; 1 for backends without an entry and for
-      ``B < MIN_BRANCHED_BATCH``.
-    """
-    target = INFERENCE_BRANCH_EXAMPLES.get(backend or jax.default_backend())
-    if target is None or batch < MIN_BRANCHED_BATCH:
-        return 1
-    return max(1, min(MAX_INFERENCE_BRANCHES, round(batch / target)))
-
-
 def apply_model(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -437,8 +392,9 @@ def apply_model(
         branches of one program and concatenated. Every op of an inference pass is per
         example, so only the schedule changes: the logits equal the unsplit pass up to the
         float rounding of differently sized convolutions (tests/test_models.py). ``None``:
-        :func:`inference_branches` for quantized inference (``bits`` given, ``train=False``),
-        else 1 (full-precision passes are one fused kernel on XLA:CPU and gain nothing).
+        :func:`backend.inference_branches` for quantized inference (``bits`` given,
+        ``train=False``), else 1 (full-precision passes are one fused kernel on XLA:CPU and
+        gain nothing).
         Values above ``B`` are clipped to ``B``; a value > 1 with batch statistics
         (``train and not frozen_bn``) is an error.
       quant_mode: static; ``"fake"`` (fake quantization in float) or ``"integer"`` (every
@@ -455,7 +411,7 @@ def apply_model(
         )
     if branches is None:
         batch = jnp.shape(x)[0] if jnp.ndim(x) else 0
-        branches = 1 if bits is None or train else inference_branches(batch)
+        branches = 1 if bits is None or train else backend.inference_branches(batch)
     if branches < 1:
         raise ValueError(f"branches must be >= 1, got {branches}")
     if branches > 1 and train and not frozen_bn:

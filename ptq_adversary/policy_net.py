@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from ptq_adversary.policy import Budget, greedy
+
 __all__ = ["PolicyNet"]
 
 
@@ -87,3 +89,25 @@ class PolicyNet(nnx.Module):
             x = jax.nn.relu(conv(x))
         x = jnp.mean(x, axis=(1, 2))
         return self.head(x).reshape(x.shape[0], self.num_sites, self.num_choices)
+
+
+def greedy_allocation(
+    policy_graphdef: nnx.GraphDef, *policy_states: nnx.State, images: ArrayLike, budget: Budget
+) -> jax.Array:
+    """The deployed allocation of a policy network: its greedy decode for each image.
+
+    The one forward-and-decode that stage C's evaluation, the analyses and the audit's attack
+    policy share. Traceable (call it inside ``jax.jit``).
+
+    Args:
+      policy_graphdef, policy_states: ``nnx.split`` of a :class:`PolicyNet` (or any module
+        mapping ``[B, H, W, C]`` images to ``[B, L, K]`` logits).
+      images: float ``[B, H, W, C]``, normalised like the network's input.
+      budget: the static budget.
+
+    Returns:
+      int32 ``bit_idx [B, L]``: indices into ``budget.choices`` (:func:`policy.to_bits` maps them
+      to bit-widths).
+    """
+    policy_logits_blk = nnx.merge(policy_graphdef, *policy_states)(images)
+    return jax.vmap(lambda lg: greedy(lg, budget))(policy_logits_blk)

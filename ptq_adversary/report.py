@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import logging
 import math
 import os
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ptq_adversary import analysis, metrics
+from ptq_adversary import analysis, io, plotting
 
 __all__ = [
     "find_runs",
@@ -87,13 +86,8 @@ def find_runs(workdir: str) -> dict[str, str]:
     )
 
 
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _modes(run_dir: str) -> list[str]:
-    results = _read_json(os.path.join(run_dir, "results.json"))
+    results = io.read_json(os.path.join(run_dir, "results.json"))
     return [m for m in _MODES if m in results.get("pairs", {})]
 
 
@@ -116,7 +110,7 @@ def assess_run(
     """
     path = os.path.join(out_dir, "assessment.json")
     if os.path.exists(path) and not force:
-        return _read_json(path)
+        return io.read_json(path)
     os.makedirs(out_dir, exist_ok=True)
     dataset = dataset if dataset is not None else analysis.load_run_dataset(run_dir)
     pairs = {}
@@ -134,8 +128,8 @@ def assess_run(
         pairs[mode] = result
         log.info("assessed %s/%s in %.1f s", run_dir, mode, result["time_s"])
     out = {"run_dir": os.path.abspath(run_dir), "pairs": pairs}
-    metrics.write_json_atomic(path, _jsonable(out))
-    return _read_json(path)
+    io.write_json_atomic(path, _jsonable(out))
+    return io.read_json(path)
 
 
 def corrupt_run(
@@ -157,7 +151,7 @@ def corrupt_run(
     """
     path = os.path.join(out_dir, "corruptions.json")
     if os.path.exists(path) and not force:
-        return _read_json(path)
+        return io.read_json(path)
     os.makedirs(out_dir, exist_ok=True)
     dataset = dataset if dataset is not None else analysis.load_run_dataset(run_dir)
     split = dataset.test
@@ -174,7 +168,7 @@ def corrupt_run(
         "rows": rows,
         "time_s": round(time.perf_counter() - t0, 2),
     }
-    metrics.write_json_atomic(path, _jsonable(out))
+    io.write_json_atomic(path, _jsonable(out))
     return out
 
 
@@ -282,34 +276,24 @@ def write_seeds_summary(
     )
     md = write_table(out_dir, "seeds_display", rows, ["metric", "unit", "mean ± 95% CI", *runs])
     os.remove(os.path.join(out_dir, "seeds_display.csv"))  # seeds.csv holds the numbers
-    metrics.write_json_atomic(os.path.join(out_dir, "seeds.json"), _jsonable(agg))
+    io.write_json_atomic(os.path.join(out_dir, "seeds.json"), _jsonable(agg))
     header = (
         f"Headline numbers over {len(runs)} run(s) ({', '.join(runs)}): mean ± "
         f"{confidence:.0%} Student-t interval (n - 1 dof)."
     )
-    metrics.write_text_atomic(os.path.join(out_dir, "seeds.md"), f"{header}\n\n{md}\n")
+    io.write_text_atomic(os.path.join(out_dir, "seeds.md"), f"{header}\n\n{md}\n")
     del table
     return {**agg, "markdown": md}
 
 
 # ---------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.titlesize": 10})
-    return plt
-
-
 def _stat(values: Sequence[float]) -> tuple[float, float]:
     s = analysis.mean_ci(values)
     return s["mean"], (s["half_width"] if math.isfinite(s["half_width"]) else 0.0)
 
 
 def _plot_drops(results: Mapping[str, Any], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     kinds = (
         ("drop", "own policy\n(greedy)"),
         ("uniform_drop", "uniform\nallocation"),
@@ -363,7 +347,7 @@ def _plot_drops(results: Mapping[str, Any], modes: Sequence[str], path: str) -> 
 
 
 def _plot_bit_histograms(assess: Mapping[str, Any], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     runs = list(assess)
     fig, axes = plt.subplots(
         len(runs), len(modes), squeeze=False, figsize=(3.8 * len(modes), 2.3 * len(runs) + 0.8)
@@ -412,7 +396,7 @@ def _plot_bit_histograms(assess: Mapping[str, Any], modes: Sequence[str], path: 
 
 
 def _plot_class_bits(assess: Mapping[str, Any], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     runs = list(assess)
     first = assess[runs[0]]["pairs"][modes[0]]
     choices = first["choices"]
@@ -460,7 +444,7 @@ def _plot_class_bits(assess: Mapping[str, Any], modes: Sequence[str], path: str)
 
 
 def _plot_flip_margin(assess: Mapping[str, Any], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(4.4 * len(modes), 3.6), squeeze=False)
     series = (
         ("flip", "FP right → DPTQ wrong", "-"),
@@ -499,7 +483,7 @@ def _plot_flip_margin(assess: Mapping[str, Any], modes: Sequence[str], path: str
 
 
 def _plot_sensitivity(assess: Mapping[str, Any], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     first = assess[next(iter(assess))]["pairs"][modes[0]]
     sites, choices = first["site_names"], first["choices"]
     shown = [k for k in range(len(choices)) if choices[k] < max(choices)][:3]  # lowest three
@@ -575,7 +559,7 @@ def _corruption_stats(corr: Mapping[str, Any]) -> dict[tuple[str, int, str], dic
 def _plot_corruptions(
     stats: Mapping[tuple, dict], modes: Sequence[str], n_runs: int, path: str
 ) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     names = list(dict.fromkeys(k[0] for k in stats))
     ncols = 4
     nrows = math.ceil(len(names) / ncols)
@@ -623,7 +607,7 @@ def _plot_corruptions(
 
 
 def _plot_corruption_drops(stats: Mapping[tuple, dict], modes: Sequence[str], path: str) -> None:
-    plt = _plt()
+    plt = plotting.pyplot()
     names = list(dict.fromkeys(k[0] for k in stats))
     cmap = plt.get_cmap("tab20")
     fig, axes = plt.subplots(1, len(modes), figsize=(4.8 * len(modes), 3.8), squeeze=False)
@@ -657,7 +641,7 @@ def _plot_corruption_examples(
 
     from ptq_adversary import corruptions
 
-    plt = _plt()
+    plt = plotting.pyplot()
     sev = range(corruptions.MAX_SEVERITY + 1)
     fig, axes = plt.subplots(
         len(sev), len(names), squeeze=False, figsize=(1.05 * len(names) + 0.8, 1.1 * len(sev) + 0.6)
@@ -884,7 +868,7 @@ def build_report(
     out = os.path.abspath(out or os.path.join(workdir, "report"))
     os.makedirs(out, exist_ok=True)
     dataset_fn = dataset_fn or analysis.load_run_dataset
-    results = {name: _read_json(os.path.join(d, "results.json")) for name, d in runs.items()}
+    results = {name: io.read_json(os.path.join(d, "results.json")) for name, d in runs.items()}
     modes = [m for m in _MODES if all(m in r.get("pairs", {}) for r in results.values())]
     assess, corr = {}, {}
     for name, run_dir in runs.items():
@@ -937,7 +921,7 @@ def build_report(
         )
     text = _markdown(workdir, runs, results, assess, corr, seeds, tables, modes, out)
     path = os.path.join(out, "report.md")
-    metrics.write_text_atomic(path, text)
+    io.write_text_atomic(path, text)
     return path
 
 

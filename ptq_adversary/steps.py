@@ -16,7 +16,7 @@ import optax
 from flax import nnx, struct
 from jax.typing import ArrayLike
 
-from ptq_adversary import losses, policy
+from ptq_adversary import backend, losses, policy, policy_net
 from ptq_adversary.models import apply_model
 
 __all__ = [
@@ -33,9 +33,6 @@ __all__ = [
     "make_pair_eval_step",
     "MODES",
     "REWARDS",
-    "POLICY_CHUNK_EXAMPLES",
-    "GRAD_CHUNK_EXAMPLES",
-    "policy_chunk",
     "map_policies",
 ]
 
@@ -172,46 +169,6 @@ def make_distill_train_step(
 
 
 # ------------------------------------------------------------------- many policies at once
-#: Examples (policies x batch) per chunk that :func:`map_policies` aims for, per backend.
-#: Measured with experiments/bench_policies.py and bench_scaling.py (2-core x86-64, jax 0.10):
-#: on XLA:CPU the cost per example grows once a call holds more than a few hundred examples
-#: of the default student (the activations leave the caches: one vmap of 64 policies x 128
-#: inputs took ~2x as long as chunks of 128-512 examples), so the policy axis runs over chunks
-#: of about this many examples. Backends not listed (GPU, TPU: not measured here) vmap all
-#: policies at once.
-POLICY_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 128}
-
-#: The same for passes that are differentiated (stage B's network update). XLA:CPU's backward
-#: convolutions lose even more per example with the batch (quantized forward+backward of the
-#: default student: ~450 us/example at 32, ~700 at 256), so the stage-B step runs its P = 8
-#: passes over 32 inputs as 8 unrolled chunks of 32: ~1.3x faster per step than one vmap, for
-#: 6-8 s more compile time (experiments/bench_torch.py times both).
-GRAD_CHUNK_EXAMPLES: dict[str, int] = {"cpu": 32}
-
-
-def policy_chunk(
-    num_policies: int, batch: int, backend: str | None = None, *, differentiated: bool = False
-) -> int:
-    """The default chunk (policies per vmapped call) for ``P`` policies on a batch of ``B``.
-
-    Args:
-      num_policies: ``P``.
-      batch: ``B``, examples per policy.
-      backend: ``jax.default_backend()`` if None.
-      differentiated: use :data:`GRAD_CHUNK_EXAMPLES` (passes inside a gradient) instead of
-        :data:`POLICY_CHUNK_EXAMPLES`.
-
-    Returns:
-      An int in ``[1, max(P, 1)]``: ``P`` (one vmap) where the backend has no entry in the
-      table, else ``table[backend] // B`` clipped.
-    """
-    table = GRAD_CHUNK_EXAMPLES if differentiated else POLICY_CHUNK_EXAMPLES
-    target = table.get(backend or jax.default_backend())
-    if target is None:
-        return max(num_policies, 1)
-    return max(1, min(num_policies, target // max(batch, 1)))
-
-
 def map_policies(
     fn: Callable[[jax.Array], Any],
     bits_pbl: ArrayLike,
@@ -239,8 +196,8 @@ def map_policies(
     Args:
       fn: ``bits_bl int [B, L] -> pytree``, traceable.
       bits_pbl: int ``[P, B, L]`` (any leading axis ``P``, including 0).
-      chunk: policies per vmapped call; ``None`` picks :func:`policy_chunk` for the current
-        backend.
+      chunk: policies per vmapped call; ``None`` picks :func:`backend.policy_chunk` for the
+        current backend.
       unroll: chunks as a Python loop instead of a ``lax.map``.
 
     Returns:
@@ -250,7 +207,7 @@ def map_policies(
     bits_pbl = jnp.asarray(bits_pbl)
     num_policies = bits_pbl.shape[0]
     if chunk is None:
-        chunk = policy_chunk(num_policies, bits_pbl.shape[1] if bits_pbl.ndim > 1 else 1)
+        chunk = backend.policy_chunk(num_policies, bits_pbl.shape[1] if bits_pbl.ndim > 1 else 1)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if chunk >= num_policies:
@@ -287,9 +244,9 @@ def make_eval_step(
 
     Args:
       graphdef: the model's graph definition.
-      chunk: policies per vmapped call (``None``: :func:`policy_chunk` for the backend).
+      chunk: policies per vmapped call (``None``: :func:`backend.policy_chunk` for the backend).
       branches: batch branches of each quantized pass (``None``: the backend's default,
-        :func:`models.inference_branches`; see :func:`models.apply_model`).
+        :func:`backend.inference_branches`; see :func:`models.apply_model`).
 
     Returns:
       ``step(params, rest, images [B,H,W,C], labels [B], mask [B], bits [P,B,L] int) ->
@@ -446,7 +403,7 @@ def make_pair_train_step(
       quant_batch: run the quantized passes (and the policy update) on the first
         ``quant_batch`` inputs of the batch only (``None``: all); bounds the cost ``P x B``.
       chunk: policies per vmapped quantized pass, as unrolled chunks (``None``:
-        ``policy_chunk(P, quant_batch, differentiated=True)``, one vmap off CPU). The values
+        ``backend.policy_chunk(P, quant_batch, differentiated=True)``, one vmap off CPU). The values
         and gradients do not depend on it beyond float rounding.
 
     Returns:
@@ -474,7 +431,9 @@ def make_pair_train_step(
                 graphdef, params, rest, q_images, bits_bl, train=True, frozen_bn=True
             )[0]
 
-        pass_chunk = policy_chunk(num_samples, qb, differentiated=True) if chunk is None else chunk
+        pass_chunk = (
+            backend.policy_chunk(num_samples, qb, differentiated=True) if chunk is None else chunk
+        )
         q_logits = map_policies(quantized, bits_pbl, chunk=pass_chunk, unroll=True)  # [P, Bq, C]
         if mode == "robust":
             target = jax.lax.stop_gradient(fp_logits[:qb])
@@ -578,7 +537,7 @@ def make_pair_eval_step(
     drawn uniformly from all feasible ones. All quantized passes run in one call over the
     allocation axis (:func:`map_policies`, in chunks of ``chunk`` allocations; ``None``: the
     backend's default), each pass in ``branches`` batch branches (``None``: the backend's
-    default, :func:`models.inference_branches`).
+    default, :func:`backend.inference_branches`).
 
     Returns:
       ``step(params, rest, policy_params, policy_rest, images [B,H,W,C], labels [B],
@@ -593,8 +552,9 @@ def make_pair_eval_step(
     def step(params, rest, policy_params, policy_rest, images, labels, mask, key):
         batch = images.shape[0]
         fp_logits, _ = apply_model(graphdef, params, rest, images)
-        policy_logits = _policy_forward(policy_graphdef, policy_params, policy_rest, images)
-        greedy_idx = jax.vmap(lambda lg: policy.greedy(lg, budget))(policy_logits)  # [B, L]
+        greedy_idx = policy_net.greedy_allocation(  # [B, L]
+            policy_graphdef, policy_params, policy_rest, images=images, budget=budget
+        )
         keys = jax.random.split(key, num_random * batch).reshape(num_random, batch, -1)
         random_idx = jax.vmap(jax.vmap(lambda k: policy.sample_uniform(k, budget)))(keys)
         allocations = jnp.concatenate(

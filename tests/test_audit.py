@@ -442,13 +442,13 @@ def test_audit_command_on_a_user_factory_model(tmp_path):
     config = load_config(REPO / "configs" / "audit.py", "smoke")
     with config.unlocked():
         config.model.name = "small_net"
-        config.model.factory = "user_model:build"
+        config.model.factory = "tests.user_model:build"
         config.model.kwargs = type(config.model.kwargs)({"width": 4})
         config.audit.methods = ("uniform", "random", "exhaustive")
     summary = audit_trainer.run_audit(config, str(tmp_path))
     assert summary["site_names"] == ["conv2", "head"]
     assert summary["num_allocations"] == 5  # (2, 6), (3, 5), (4, 4), (5, 3), (6, 2)
     with config.unlocked():
-        config.model.factory = "user_model:no_such_function"
+        config.model.factory = "tests.user_model:no_such_function"
     with pytest.raises(config_lib.ConfigError, match="model.factory.*no function"):
         audit_trainer.run_audit(config, str(tmp_path / "other"))

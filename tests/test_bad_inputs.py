@@ -79,7 +79,7 @@ def _override(name: str, **overrides: Any) -> Callable[[Any, Any], tuple[Any, st
 
 
 _CNN, _PAIR = "fmnist_cnn", "fmnist_pair"
-_ONE_LAYER = "user_model:build_one_layer"  # tests/user_model.py: a model without a site
+_ONE_LAYER = "tests.user_model:build_one_layer"  # tests/user_model.py: a model without a site
 _MODELS = r"\['cnn', 'resnet18', 'resnet20', 'teacher_cnn', 'wrn16_4'\]"
 _CHOICES = r"must be a non-empty list of unique bit-widths in \[2, 16\] sorted ascending"
 

@@ -37,7 +37,7 @@ def test_accelerator_check_cpu_dry_run_writes_a_complete_report(tmp_path):
     assert report["phases"]["pair"]["status"] == "done", report["phases"]
     assert set(report["pair"]["pairs"]) == {"detrimental"}  # the dry run trains one pair
     assert set(report["suggested_tuning"]) == {
-        "steps.POLICY_CHUNK_EXAMPLES", "steps.GRAD_CHUNK_EXAMPLES"
+        "backend.POLICY_CHUNK_EXAMPLES", "backend.GRAD_CHUNK_EXAMPLES"
     }  # fmt: skip
     text = (out / "report.md").read_text()
     assert "# Accelerator check (CPU dry run" in text and "## Suggested tuning entries" in text

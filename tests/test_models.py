@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ptq_adversary import models
+from ptq_adversary import backend, models
 from ptq_adversary.quant import fake_quant_activation, fake_quant_weight
 
 
@@ -314,12 +314,12 @@ def test_batch_branches_default_and_validation():
     model, x = _tiny("cnn")
     g, p, r = models.split_model(model)
     # The automatic count: ~INFERENCE_BRANCH_EXAMPLES examples per branch, clipped.
-    assert models.inference_branches(128, "cpu") == min(
-        models.MAX_INFERENCE_BRANCHES, 128 // models.INFERENCE_BRANCH_EXAMPLES["cpu"]
+    assert backend.inference_branches(128, "cpu") == min(
+        backend.MAX_INFERENCE_BRANCHES, 128 // backend.INFERENCE_BRANCH_EXAMPLES["cpu"]
     )
-    assert models.inference_branches(models.MIN_BRANCHED_BATCH - 1, "cpu") == 1
-    assert models.inference_branches(10**6, "cpu") == models.MAX_INFERENCE_BRANCHES
-    assert models.inference_branches(128, "no-such-backend") == 1
+    assert backend.inference_branches(backend.MIN_BRANCHED_BATCH - 1, "cpu") == 1
+    assert backend.inference_branches(10**6, "cpu") == backend.MAX_INFERENCE_BRANCHES
+    assert backend.inference_branches(128, "no-such-backend") == 1
     with pytest.raises(ValueError, match="batch statistics"):
         models.apply_model(g, p, r, x, train=True, branches=2)
     with pytest.raises(ValueError, match="branches must be >= 1"):

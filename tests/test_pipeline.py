@@ -140,7 +140,7 @@ def _smoke_config():
     # The student is a user's own plain-NNX architecture, built from its import path: the
     # whole pipeline runs on it (the registry student runs in test_sharding / test_resume).
     config.student.model.name = "small_net"
-    config.student.model.factory = "user_model:build"
+    config.student.model.factory = "tests.user_model:build"
     config.student.model.kwargs = type(config.student.model.kwargs)({"width": 4})
     return config
 
@@ -171,7 +171,7 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
     logits = np.load(os.path.join(workdir, "student", "teacher_logits.npy"))
     assert logits.shape == (256, 10)
     student = artifacts.load_model(os.path.join(workdir, "robust", "best", "model"))
-    assert student.spec.factory == "user_model:build"
+    assert student.spec.factory == "tests.user_model:build"
     assert student.site_names == ("conv2", "head")
 
 

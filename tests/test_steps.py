@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ptq_adversary import models, policy, policy_net, quant, steps
+from ptq_adversary import backend, models, policy, policy_net, quant, steps
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 # Chunked and full vmaps run convolutions of different batch sizes, which XLA:CPU may sum in
@@ -74,15 +74,15 @@ def test_chunked_policy_map_gradients_equal_vmap(unroll):
 
 
 def test_policy_chunk_default_per_backend():
-    target = steps.POLICY_CHUNK_EXAMPLES["cpu"]
-    assert steps.policy_chunk(64, target // 4, backend="cpu") == 4
-    assert steps.policy_chunk(3, 1, backend="cpu") == 3  # never more than P
-    assert steps.policy_chunk(64, 10 * target, backend="cpu") == 1  # at least one policy
-    assert steps.policy_chunk(64, 128, backend="no-such-backend") == 64  # one vmap
-    assert steps.policy_chunk(0, 128, backend="no-such-backend") == 1
-    grad_target = steps.GRAD_CHUNK_EXAMPLES["cpu"]
-    assert steps.policy_chunk(8, grad_target, backend="cpu", differentiated=True) == 1
-    assert steps.policy_chunk(8, grad_target // 2, backend="cpu", differentiated=True) == 2
+    target = backend.POLICY_CHUNK_EXAMPLES["cpu"]
+    assert backend.policy_chunk(64, target // 4, backend="cpu") == 4
+    assert backend.policy_chunk(3, 1, backend="cpu") == 3  # never more than P
+    assert backend.policy_chunk(64, 10 * target, backend="cpu") == 1  # at least one policy
+    assert backend.policy_chunk(64, 128, backend="no-such-backend") == 64  # one vmap
+    assert backend.policy_chunk(0, 128, backend="no-such-backend") == 1
+    grad_target = backend.GRAD_CHUNK_EXAMPLES["cpu"]
+    assert backend.policy_chunk(8, grad_target, backend="cpu", differentiated=True) == 1
+    assert backend.policy_chunk(8, grad_target // 2, backend="cpu", differentiated=True) == 2
 
 
 def test_map_policies_rejects_bad_chunk_and_handles_no_policies():

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ptq_adversary import artifacts, audit, config_lib, data, metrics, policy
+from ptq_adversary import artifacts, audit, config_lib, data, io, plotting, policy
 from ptq_adversary.trainers import loop, supervised
 
 __all__ = [
@@ -229,9 +229,9 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         summary["brackets"] = rows
         with open(paths["markdown"], encoding="utf-8") as f:
             markdown = f.read()
-        metrics.write_text_atomic(paths["markdown"], markdown.rstrip("\n") + "\n\n"
+        io.write_text_atomic(paths["markdown"], markdown.rstrip("\n") + "\n\n"
                                   + bracket_table)  # fmt: skip
-    metrics.write_json_atomic(os.path.join(workdir, "results.json"), summary)
+    io.write_json_atomic(os.path.join(workdir, "results.json"), summary)
     with open(paths["markdown"], encoding="utf-8") as f:
         print("\n" + f.read().split("\n## ")[0], flush=True)
     if bracket_table:
@@ -283,7 +283,7 @@ def write_brackets(rows: list[dict[str, Any]], workdir: str, *, methods: Any = (
     """Writes ``brackets.json``, ``brackets.csv`` and ``bracket_vs_budget.png`` (rows of
     :func:`bracket_row`, by budget) into ``workdir``; returns the markdown table."""
     searches = [k for k in _SEARCH_LABELS if any(k in r["searches"] for r in rows)]
-    metrics.write_json_atomic(
+    io.write_json_atomic(
         os.path.join(workdir, "brackets.json"), {"methods": list(methods), "rows": rows}
     )
     head = ["budget", "num_allocations", "fp_accuracy", "certified_accuracy", "accuracy",
@@ -296,7 +296,7 @@ def write_brackets(rows: list[dict[str, Any]], workdir: str, *, methods: Any = (
                  str(r["nodes"]), f"{r['seconds']}"]  # fmt: skip
         cells += [f"{r['searches'][k]:.6f}" if k in r["searches"] else "" for k in searches]
         lines.append(",".join(cells))
-    metrics.write_text_atomic(os.path.join(workdir, "brackets.csv"), "\n".join(lines) + "\n")
+    io.write_text_atomic(os.path.join(workdir, "brackets.csv"), "\n".join(lines) + "\n")
     _bracket_figure(rows, searches, os.path.join(workdir, "bracket_vs_budget.png"))
 
     table = [
@@ -322,18 +322,9 @@ def write_brackets(rows: list[dict[str, Any]], workdir: str, *, methods: Any = (
     return "\n".join(table)
 
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
 def _bracket_figure(rows: list[dict[str, Any]], searches: list[str], path: str) -> None:
     """Accuracy vs budget: the certified-to-found band, each search's accuracy, FP dashed."""
-    plt = _pyplot()
+    plt = plotting.pyplot()
     x = np.array([r["budget"] for r in rows])
     cert = np.array([100 * r["certified_accuracy"] for r in rows])
     found = np.array([100 * r["accuracy"] for r in rows])

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ptq_adversary import artifacts, config_lib, data, distributed, metrics, models, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, io, models, steps
 from ptq_adversary.trainers import loop, supervised
 
 __all__ = ["train_and_evaluate", "teacher_from_artifact", "predict_logits"]
@@ -79,7 +79,7 @@ def _cached_teacher_logits(workdir: str, fn: TeacherFn, source: str, dataset: da
         "accuracy": {"train": float(np.mean(logits.argmax(-1) == dataset.train.labels)),
                      "val": acc(dataset.val), "test": acc(dataset.test)},
     }  # fmt: skip
-    metrics.write_json_atomic(os.path.join(workdir, "teacher.json"), info)
+    io.write_json_atomic(os.path.join(workdir, "teacher.json"), info)
     return logits
 
 
@@ -155,7 +155,7 @@ def train_and_evaluate(
         "val": val,
         "test": test,
     }
-    metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
     log.info(
         "student test accuracy %.4f (teacher %.4f)",
         test["accuracy"], teacher_info["accuracy"]["test"],

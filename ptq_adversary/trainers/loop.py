@@ -29,7 +29,6 @@ Workdir layout written here::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -44,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptq_adversary import config_lib, distributed, metrics
+from ptq_adversary import config_lib, distributed, io, metrics
 from ptq_adversary.checkpoint import Checkpointer
 
 __all__ = ["Run", "Preempted", "prepare_workdir"]
@@ -92,9 +91,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
     # A saved config binds only once the workdir holds progress; a run that stopped before its
     # first checkpoint (say, its dataset was unavailable) may be restarted with another config.
     if os.path.exists(path) and _holds_a_run(workdir):
-        with open(path, encoding="utf-8") as f:
-            config_lib.compare_with_saved(config, json.load(f))
-    metrics.write_json_atomic(path, config_lib.to_dict(config))
+        config_lib.compare_with_saved(config, io.read_json(path))
+    io.write_json_atomic(path, config_lib.to_dict(config))
     return workdir
 
 

@@ -19,7 +19,6 @@ sections (``seed``, ``data``, ``eval``, ``log``, ``ckpt``) plus the stage's own 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ptq_adversary import config_lib, evaluation, metrics
+from ptq_adversary import config_lib, evaluation, io
 from ptq_adversary.trainers import distill, loop, policy_aware, supervised
 
 __all__ = ["run_pipeline", "stage_configs", "pipeline_field", "STAGES"]
@@ -128,7 +127,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         **{mode: policy_aware.train_and_evaluate for mode in _modes(config)},
     }
     wanted = STAGES if config.stage == "all" else (config.stage,)
-    timing = _read_json(os.path.join(workdir, "timing.json")) or {}
+    timing = io.read_json(os.path.join(workdir, "timing.json"), None) or {}
     result: dict[str, Any] = {}
     for stage in STAGES:
         if stage not in wanted or (stage != "evaluate" and stage not in trainers):
@@ -137,7 +136,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         if stage == "evaluate":
             result = _stage_c(config, workdir, timing)
             continue
-        done = _read_json(os.path.join(stage_dir, "results.json"))
+        done = io.read_json(os.path.join(stage_dir, "results.json"), None)
         if done is not None:
             log.info("stage %s: done earlier (%s), skipped", stage, stage_dir)
             result = done
@@ -145,15 +144,15 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         t0 = time.perf_counter()
         result = trainers[stage](configs[stage], stage_dir)
         timing[stage] = timing.get(stage, 0.0) + round(time.perf_counter() - t0, 2)
-        metrics.write_json_atomic(os.path.join(workdir, "timing.json"), timing)
+        io.write_json_atomic(os.path.join(workdir, "timing.json"), timing)
     return result
 
 
 def _stage_c(config: ml_collections.ConfigDict, workdir: str,
              timing: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    teacher = _read_json(os.path.join(workdir, "teacher", "results.json"))
-    student = _read_json(os.path.join(workdir, "student", "results.json"))
-    pairs = {m: _read_json(os.path.join(workdir, m, "results.json")) for m in config.modes}
+    teacher = io.read_json(os.path.join(workdir, "teacher", "results.json"), None)
+    student = io.read_json(os.path.join(workdir, "student", "results.json"), None)
+    pairs = {m: io.read_json(os.path.join(workdir, m, "results.json"), None) for m in config.modes}
     missing = [name for name, r in {"teacher": teacher, "student": student, **pairs}.items()
                if r is None]  # fmt: skip
     if missing:
@@ -184,20 +183,13 @@ def _stage_c(config: ml_collections.ConfigDict, workdir: str,
         "time_s": {**timing, "total": round(sum(timing.values()), 2)},
     }
     table = evaluation.format_table(rows)
-    metrics.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    io.write_json_atomic(os.path.join(workdir, "results.json"), results)
     header = (
         f"Stage C on {config.data.name} test ({rows[next(iter(rows))]['num_examples']} images), "
         f"student {config.student.model.name}, budget {results['budget']:g} mean bits over "
         f"choices {results['choices']}; stage-A student FP accuracy "
         f"{student['test']['accuracy']:.2%}, max FP gap {results['max_fp_gap_points']:.2f} pts."
     )
-    metrics.write_text_atomic(os.path.join(workdir, "results.md"), f"{header}\n\n{table}\n")
+    io.write_text_atomic(os.path.join(workdir, "results.md"), f"{header}\n\n{table}\n")
     print(f"\n{header}\n\n{table}\n", flush=True)
     return results
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

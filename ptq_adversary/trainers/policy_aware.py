@@ -19,7 +19,6 @@ Writes, besides the loop's files::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import artifacts, config_lib, data, distributed, evaluation, metrics, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, evaluation, io, steps
 from ptq_adversary.trainers import loop, supervised
 
 __all__ = ["train_and_evaluate", "policy_spec"]
@@ -71,8 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     config_lib.validate(config, num_devices=jax.device_count())
     student_dir = os.path.abspath(config.student_dir)
-    with open(os.path.join(student_dir, "results.json"), encoding="utf-8") as f:
-        student_results = json.load(f)
+    student_results = io.read_json(os.path.join(student_dir, "results.json"))
     with loop.Run(config, workdir) as run:
         dataset = supervised.load_data(config)
         student = artifacts.load_model(os.path.join(student_dir, "model"))
@@ -140,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      host.params, host.rest)  # fmt: skip
                 artifacts.save_policy(os.path.join(best_dir, "policy"), pspec,
                                       host.policy_params, host.policy_rest)  # fmt: skip
-                metrics.write_json_atomic(
+                io.write_json_atomic(
                     os.path.join(best_dir, "info.json"), {"step": step, "score": score, "val": val}
                 )
             scalars = {k: v for k, v in val.items() if isinstance(v, float)}
@@ -179,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 seed=config.seed, eval_step=eval_step, data_sharding=run.data_sharding,
             ),
         }  # fmt: skip
-    metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
     t = results["test"]
     log.info(
         "%s pair (step %d): FP %.4f, DPTQ %.4f, drop %.2f pts (uniform %.2f, random %.2f)",
@@ -203,8 +201,4 @@ def _batch(dataset: data.Dataset, teacher_logits: np.ndarray, step: int, batch_s
 
 
 def _read_best(best_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(best_dir, "info.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return io.read_json(os.path.join(best_dir, "info.json"), None)

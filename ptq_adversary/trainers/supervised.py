@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ptq_adversary import artifacts, config_lib, data, distributed, metrics, models, steps
+from ptq_adversary import artifacts, config_lib, data, distributed, io, models, steps
 from ptq_adversary.trainers import loop
 
 __all__ = [
@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "num_examples": {"train": len(dataset.train), "val": len(dataset.val),
                          "test": len(dataset.test)},
     }  # fmt: skip
-    metrics.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
     log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], run.workdir)
     return results
 
