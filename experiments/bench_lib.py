@@ -259,7 +259,8 @@ def random_bits(key: jax.Array, shape: Sequence[int], choices=(2, 3, 4, 5, 6, 8)
     return jnp.asarray(choices, jnp.int32)[idx]
 
 
-def _fmt(v: Any) -> str:
+def format_cell(v: Any) -> str:
+    """A table cell: yes/no/- for booleans and None, floats to 3 significant digits."""
     if isinstance(v, bool) or v is None:
         return {True: "yes", False: "no", None: "-"}[v]
     if isinstance(v, float):
@@ -283,7 +284,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
             columns.extend(k for k in row if k not in columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -293,7 +294,8 @@ def print_result(result: dict[str, Any]) -> None:
     print(hardware_line())
     print(f"goal: {result['goal']}")
     ratio = result.get("ratio")
-    print(f"{result.get('metric', 'ratio')}: {_fmt(ratio)}  met: {_fmt(result.get('met'))}")
+    met = format_cell(result.get("met"))
+    print(f"{result.get('metric', 'ratio')}: {format_cell(ratio)}  met: {met}")
     for note in result.get("notes", []):
         print(f"note: {note}")
     print(markdown_table(result["rows"]))

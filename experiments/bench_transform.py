@@ -221,8 +221,8 @@ def main() -> None:
         f"- hardware: {bench_lib.hardware_line(result['hardware'])}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; wall {wall:.0f} s; "
         f"other load {result['other_load_cores'] or 0:.2f} cores",
-        f"- goal: {GOAL}; {result['metric']}: {bench_lib._fmt(result['ratio'])}, "
-        f"met: {bench_lib._fmt(result['met'])}",
+        f"- goal: {GOAL}; {result['metric']}: {bench_lib.format_cell(result['ratio'])}, "
+        f"met: {bench_lib.format_cell(result['met'])}",
         "", bench_lib.markdown_table(result["rows"]), "",
         *(f"- {n}" for n in result.get("notes", [])), "",
     ])  # fmt: skip
