@@ -20,7 +20,6 @@ Runtime: ~17-25 min per seed on the 2-core development CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -28,11 +27,16 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptq_adversary import config_lib, report  # noqa: E402
+from ptq_adversary import config_lib, io, report  # noqa: E402
 from ptq_adversary.trainers import pipeline  # noqa: E402
 
 CONFIG = REPO / "configs" / "fmnist_pair.py"
 CONFIG_ARG = None  # the default pipeline: both pairs, budget 4, all stages
+
+#: Where seed ``s`` runs: ``WORKDIR/seed_<s>``. The report reads this layout by default
+#: (``report.SEEDS_LAYOUT``); a script with another layout passes its own to
+#: ``report.find_runs`` / ``report.build_report`` (``--runs`` on the command line).
+LAYOUT = report.RunLayout("seed_{}")
 
 
 def overrides(seed: int) -> dict:
@@ -44,7 +48,7 @@ def run_seed(workdir: str, seed: int) -> dict:
     config = config_lib.load_config_file(str(CONFIG), CONFIG_ARG)
     for field, value in overrides(seed).items():
         config[field] = value
-    return pipeline.run_pipeline(config, os.path.join(workdir, f"seed_{seed}"))
+    return pipeline.run_pipeline(config, LAYOUT.run_dir(workdir, seed))
 
 
 def main() -> None:
@@ -62,12 +66,11 @@ def main() -> None:
             run_seed(args.workdir, seed)
     results = {}
     for seed in seeds:
-        path = os.path.join(args.workdir, f"seed_{seed}", "results.json")
+        path = os.path.join(LAYOUT.run_dir(args.workdir, seed), report.RESULTS)
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                results[f"seed_{seed}"] = json.load(f)
+            results[LAYOUT.run_name(seed)] = io.read_json(path)
     if not results:
-        sys.exit(f"error: no seed_*/results.json in {args.workdir} for seeds {seeds}")
+        sys.exit(f"error: no {LAYOUT.pattern}/{report.RESULTS} in {args.workdir} for seeds {seeds}")
     summary = report.write_seeds_summary(results, args.workdir)
     print(open(os.path.join(args.workdir, "seeds.md"), encoding="utf-8").read())
     del summary

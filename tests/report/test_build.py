@@ -1,4 +1,4 @@
-"""The report command on a tiny fake seeds workdir: files, numbers, caching, errors."""
+"""build_report on a tiny fake seeds workdir: files, numbers over seeds, caching."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ptq_adversary import analysis, report
-from tests.test_analysis import make_fake_run, tiny_dataset
+from tests.analysis.fakes import make_fake_run, tiny_dataset
 
 PNGS = (
     "accuracy_drops.png", "bit_histograms.png", "class_bits.png", "flip_vs_margin.png",
@@ -95,19 +95,3 @@ def test_report_reuses_cached_analyses(seeds_report, monkeypatch):
                         dataset_fn=lambda run_dir: tiny_dataset(n_test=30))  # fmt: skip
     after = os.path.getmtime(os.path.join(workdir, "report", "seed_0", "assessment.json"))
     assert before == after
-
-
-def test_find_runs_orders_seeds_numerically_and_accepts_a_single_run(tmp_path):
-    for s in (10, 2):
-        os.makedirs(tmp_path / f"seed_{s}")
-        (tmp_path / f"seed_{s}" / "results.json").write_text("{}")
-    assert list(report.find_runs(str(tmp_path))) == ["seed_2", "seed_10"]
-    single = tmp_path / "seed_2"
-    assert report.find_runs(str(single)) == {"seed_2": str(single)}
-    with pytest.raises(FileNotFoundError, match="results.json"):
-        report.find_runs(str(tmp_path / "nowhere"))
-
-
-def test_command_line_reports_a_missing_workdir(tmp_path, capsys):
-    assert report.main([f"--workdir={tmp_path}"]) == 2
-    assert "no finished pipeline run" in capsys.readouterr().err

@@ -1,0 +1,7 @@
+"""``python -m ptq_adversary.report``: the report command (:func:`ptq_adversary.report.main`)."""
+
+import sys
+
+from ptq_adversary.report.cli import main
+
+sys.exit(main())

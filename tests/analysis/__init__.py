@@ -1,0 +1,1 @@
+"""Tests of ptq_adversary.analysis, one module per submodule; shared fakes in fakes.py."""

@@ -1,0 +1,1 @@
+"""Tests of ptq_adversary.report, one module per submodule."""
