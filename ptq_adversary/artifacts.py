@@ -16,16 +16,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ptq_adversary import distributed, io, models, policy
+from ptq_adversary import checkpoint, distributed, io, models, policy
 from ptq_adversary.policy_net import PolicyNet
 
 __all__ = [
+    "ArtifactError",
     "ModelSpec",
     "LoadedModel",
     "PolicySpec",
@@ -42,6 +44,14 @@ __all__ = [
 _SPEC_FILE = "spec.json"
 _STATE_DIR = "state"
 _STATE_KEY = "_state_dir"  # in spec.json: which state directory is current
+
+
+class ArtifactError(checkpoint.CheckpointError):
+    """An artifact's arrays cannot be restored: its files are damaged or missing, or its
+    ``spec.json`` describes another architecture than the arrays hold.
+
+    ``str(err)`` is one line naming the artifact and what to do.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +184,20 @@ def _load(directory: str, spec_type: type, make: Any) -> tuple[Any, nnx.Module, 
     module = make(spec)
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     target = {"params": params, "rest": rest}
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            os.path.join(directory, state_dir),
-            jax.tree.map(ocp.utils.to_shape_dtype_struct, target),
-        )
+    previous_hook = checkpoint.silence_closed_loop_callbacks()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(
+                os.path.join(directory, state_dir),
+                jax.tree.map(ocp.utils.to_shape_dtype_struct, target),
+            )
+    except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types)
+        raise ArtifactError(
+            f"artifact {directory} cannot be restored ({checkpoint.error_reason(err)}): its "
+            f"{state_dir}/ is damaged or missing, or its {_SPEC_FILE} does not describe it; "
+            "re-run the stage that wrote it"
+        ) from err
+    sys.unraisablehook = previous_hook  # restored cleanly: nothing left in flight
     return spec, module, {"graphdef": graphdef, **restored}
 
 
@@ -211,6 +230,7 @@ def load_model(directory: str) -> LoadedModel:
 
     Raises:
       FileNotFoundError: ``directory`` holds no complete artifact.
+      ArtifactError: its arrays are damaged or missing, or do not match its ``spec.json``.
     """
     spec, model, parts = _load(directory, ModelSpec, build)
     return LoadedModel(
@@ -219,6 +239,11 @@ def load_model(directory: str) -> LoadedModel:
 
 
 def load_policy(directory: str) -> LoadedPolicy:
-    """Restores a policy artifact written by :func:`save_policy`."""
+    """Restores a policy artifact written by :func:`save_policy`.
+
+    Raises:
+      FileNotFoundError: ``directory`` holds no complete artifact.
+      ArtifactError: its arrays are damaged or missing, or do not match its ``spec.json``.
+    """
     spec, _, parts = _load(directory, PolicySpec, build_policy)
     return LoadedPolicy(spec=spec, **parts)

@@ -18,6 +18,7 @@ checkpointed by that run: the run records where they come from instead.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -28,7 +29,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointError", "COMMIT_FILE"]
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "COMMIT_FILE",
+    "error_reason",
+    "silence_closed_loop_callbacks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +124,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         path = os.path.join(self.directory, str(step))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        previous_hook = _silence_closed_loop_callbacks()
+        previous_hook = silence_closed_loop_callbacks()
         try:
             stored = self._manager.item_metadata(step)["state"]
         except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types)
@@ -148,10 +155,8 @@ class Checkpointer:
             if older
             else f"delete {path} to start afresh"
         )
-        reason = " ".join(str(err).split()) or type(err).__name__
-        reason = reason if len(reason) <= 120 else reason[:117] + "..."
         return CheckpointError(
-            f"checkpoint {path} is damaged (corrupt or truncated: {reason}); {fix}"
+            f"checkpoint {path} is damaged (corrupt or truncated: {error_reason(err)}); {fix}"
         )
 
     def wait(self) -> None:
@@ -170,13 +175,21 @@ class Checkpointer:
         self.close()
 
 
-def _silence_closed_loop_callbacks():
+def error_reason(err: BaseException, limit: int = 120) -> str:
+    """``err``'s message on one line, cut to ``limit`` characters (orbax's run to pages)."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def silence_closed_loop_callbacks():
     """Drops the "Event loop is closed" reports of reads still in flight after a failed restore.
 
     When one array of a damaged checkpoint fails to read, orbax's restore stops its asyncio loop
     while tensorstore still completes the other reads; their callbacks then report
     ``RuntimeError('Event loop is closed')`` through ``sys.unraisablehook``, a screenful of
-    tracebacks around the one-line error. Only that report is dropped; others pass through.
+    tracebacks around the one-line error; and a read coroutine abandoned that way reports its
+    own read error when it is garbage-collected (closed: the error is caused by
+    ``GeneratorExit``). Only those reports are dropped; others pass through.
 
     Returns:
       The hook it replaced, to put back once a restore has succeeded.
@@ -188,6 +201,8 @@ def _silence_closed_loop_callbacks():
     def hook(unraisable) -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        if inspect.iscoroutine(unraisable.object) and isinstance(exc.__cause__, GeneratorExit):
             return
         previous(unraisable)
 

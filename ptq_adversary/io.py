@@ -7,6 +7,7 @@ even when the process is killed mid-write (preemption).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,14 +21,20 @@ _MISSING = object()
 def write_text_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written).
 
-    A reader sees the old file or the new one, never a mix, even if the process is killed.
+    A reader sees the old file or the new one, never a mix, even if the process is killed. A
+    write that fails (a full disk) leaves the old file and removes its temporary file.
     """
     tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

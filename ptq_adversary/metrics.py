@@ -104,8 +104,13 @@ class MetricWriter:
 
 
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool = False):
-    """A tqdm bar over steps with rate and ETA; sparse updates when stderr is not a terminal."""
+    """A tqdm bar over steps with rate and ETA; sparse updates when stderr is not a terminal.
+
+    ``TQDM_DISABLE=1`` in the environment silences it like any tqdm bar.
+    """
     interactive = sys.stderr.isatty()
+    # `disable` is passed only when set: an explicit disable=False would override tqdm's
+    # environment default (TQDM_DISABLE), which tqdm applies as a default keyword.
     return tqdm.tqdm(
         total=total,
         initial=initial,
@@ -113,6 +118,6 @@ def progress_bar(total: int, *, initial: int = 0, desc: str = "", disable: bool 
         unit="step",
         dynamic_ncols=True,
         mininterval=0.5 if interactive else 30.0,
-        disable=disable,
         smoothing=0.1,
+        **({"disable": True} if disable else {}),
     )

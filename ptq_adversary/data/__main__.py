@@ -1,0 +1,7 @@
+"""``python -m ptq_adversary.data``: see `ptq_adversary.data.cli`."""
+
+import sys
+
+from ptq_adversary.data.cli import main
+
+sys.exit(main())

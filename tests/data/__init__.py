@@ -1,0 +1,1 @@
+"""Tests of ptq_adversary.data, one module per submodule."""
