@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary import artifacts, corruptions, data, models, policy, policy_net
+from ptq_adversary import artifacts, corruptions, data, models, policy
 
 __all__ = [
     "load_pair",
@@ -115,7 +115,7 @@ def pair_forward(
       int32 ``bit_idx [B, L]`` (indices into ``budget.choices``).
     """
     fp_logits, _ = models.apply_model(graphdef, params, rest, images)
-    bit_idx = policy_net.greedy_allocation(
+    bit_idx = policy.greedy_allocation(
         policy_graphdef, policy_params, policy_rest, images=images, budget=budget
     )
     q_logits, _ = models.apply_model(
