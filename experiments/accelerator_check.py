@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ptq_adversary import audit, certify, models, policy, policy_net, steps  # noqa: E402
+from ptq_adversary import audit, certify, models, policy, steps  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 DRY_FLAG = " --cpu-dry-run"
@@ -227,7 +227,7 @@ def bench_certify(ms: dict[str, dict[str, Any]], dry: bool) -> dict[str, Any]:
 
 def _pair_step(m: dict[str, Any], num_samples: int, chunk: int | None):
     budget = policy.Budget(choices=CHOICES, num_sites=m["sites"], budget=4.0)
-    pol = policy_net.PolicyNet(
+    pol = policy.PolicyNet(
         num_sites=m["sites"], num_choices=len(CHOICES), in_channels=m["shape"][-1],
         widths=(8, 16), rngs=nnx.Rngs(0),
     )  # fmt: skip

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ptq_adversary import backend, models, policy, policy_net, steps
+from ptq_adversary import backend, models, policy, steps
 
 NAME = "P-policy evaluation vs its limit"
 GOAL = "best mode <= 1.3x the limit P x (FP forward of the batch) for every P (default cnn)"
@@ -178,7 +178,7 @@ def _library_eval_steps(quick: bool) -> list[dict[str, Any]]:
     batch = 100 if quick else 500
     model, graphdef, params, rest = bench_lib.make_cnn()
     budget = policy.Budget(choices=(2, 3, 4, 5, 6, 8), num_sites=model.num_sites, budget=4.0)
-    pol = policy_net.PolicyNet(num_sites=model.num_sites, num_choices=6, in_channels=1,
+    pol = policy.PolicyNet(num_sites=model.num_sites, num_choices=6, in_channels=1,
                                widths=(8, 16), rngs=nnx.Rngs(0))  # fmt: skip
     pol_graphdef, pol_params, pol_rest = nnx.split(pol, nnx.Param, ...)
     key = jax.random.PRNGKey(0)

@@ -56,6 +56,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     rows = []
     jax.clear_caches()
+    # `_cache_size()` below is jax's own private count of a jitted function's compiled
+    # specializations (jax 0.10 has no public equivalent); it is not ours to make public.
     # Traced: one jitted function, 64 calls.
     t0 = time.perf_counter()
     traced = jax.jit(forward)

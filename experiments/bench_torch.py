@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import backend, models, policy, policy_net, steps
+from ptq_adversary import backend, models, policy, steps
 
 NAME = "stage-B step vs PyTorch eager"
 GOAL = "ours >= 1.5x the steps/s of the same step in PyTorch eager (same CPU and threads)"
@@ -225,7 +225,7 @@ def _copy_student_weights(torch, net, params, rest) -> None:
 
 # ------------------------------------------------------------------------------ the bench
 def _ours(graphdef, params, rest, budget, chunk=None):
-    pol = policy_net.PolicyNet(
+    pol = policy.PolicyNet(
         num_sites=budget.num_sites, num_choices=budget.num_choices, in_channels=1,
         widths=(8, 16), rngs=nnx.Rngs(0),
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 Until commit 1dbe6eb the models were built from a layer library that threaded the bit-widths
 through every call (``model(x, bits, train=..., frozen_bn=...)``); now they are plain
-``flax.nnx`` networks (:mod:`ptq_adversary.zoo`) whose quantized program is derived by
+``flax.nnx`` networks (:mod:`ptq_adversary.models.zoo`) whose quantized program is derived by
 :mod:`ptq_adversary.transform` (``models.apply_model``). This bench times both in one process:
 the legacy code is materialized from git and its weights ported into the new networks with the
 helpers of ``experiments/legacy_equivalence.py`` (randomized weights, BatchNorm statistics
@@ -98,7 +98,7 @@ def _case_fns(apply, graphdef) -> dict[str, Any]:
 
 def _compile(fn, args) -> tuple[Any, float]:
     jax.clear_caches()
-    models._cached_quantize.cache_clear()  # the transform's cache: its analysis is counted
+    models.clear_quantize_cache()  # the transform's cache: its analysis is counted
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - t0

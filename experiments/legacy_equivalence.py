@@ -3,7 +3,7 @@
 Until commit 1dbe6eb the project's models were built from a layer library that threaded the
 bit-widths through every call (``ptq_adversary/layers.py`` and the classes of
 ``ptq_adversary/models.py`` there: ``model(x, bits)``). They were replaced by plain
-``flax.nnx`` networks (:mod:`ptq_adversary.zoo`) and a program transformation
+``flax.nnx`` networks (:mod:`ptq_adversary.models.zoo`) and a program transformation
 (:mod:`ptq_adversary.transform`) that finds the quantization sites in the traced program,
 reached through ``models.create_model`` / ``models.apply_model``. This script proves that, on
 the same weights, the new code computes what the old code computed, for every registry model:
@@ -93,7 +93,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ptq_adversary import data, models, zoo  # noqa: E402
+from ptq_adversary import data, models  # noqa: E402
+from ptq_adversary.models import zoo  # noqa: E402
 
 LEGACY_COMMIT = "1dbe6eb"
 LEGACY_PACKAGE = "legacy_ptq"
@@ -261,7 +262,7 @@ class _Porter:
             for old_block, (path, new_block) in zip(old.blocks, new_blocks, strict=True):
                 self.module(old_block, new_block, f"{path}/")
             self.dense(old.head, new.head, f"{where}head")
-        elif isinstance(new, zoo.BasicBlock):
+        elif isinstance(new, models.layers.BasicBlock):
             self.conv(old.conv1.conv, new.conv1, f"{where}conv1")
             self.bn(old.conv1.bn, new.bn1, f"{where}bn1")
             self.conv(old.conv2.conv, new.conv2, f"{where}conv2")
@@ -271,7 +272,7 @@ class _Porter:
             if new.shortcut is not None:
                 self.conv(old.shortcut.conv, new.shortcut, f"{where}shortcut")
                 self.bn(old.shortcut.bn, new.shortcut_bn, f"{where}shortcut_bn")
-        elif isinstance(new, zoo.PreActBlock):
+        elif isinstance(new, models.layers.PreActBlock):
             self.bn(old.bn1, new.bn1, f"{where}bn1")
             self.conv(old.conv1, new.conv1, f"{where}conv1")
             self.bn(old.bn2, new.bn2, f"{where}bn2")
@@ -280,7 +281,7 @@ class _Porter:
                 raise ValueError(f"{where}: one block has a projection shortcut, the other none")
             if new.shortcut is not None:
                 self.conv(old.shortcut, new.shortcut, f"{where}shortcut")
-        elif isinstance(new, zoo.ConvBN):
+        elif isinstance(new, models.layers.ConvBN):
             if old.relu != new.relu:
                 raise ValueError(f"{where}: relu {old.relu} vs {new.relu}")
             self.conv(old.conv, new.conv, f"{where}conv")
@@ -303,10 +304,11 @@ def port_legacy_state(old_model: nnx.Module, new_model: nnx.Module) -> None:
 
     ``old_model`` is a model of the bit-threading layer library (``create_model(name, ...)``
     there); ``new_model`` is ``zoo.ZOO[name](...)`` with the same architecture arguments (the
-    ``.net`` of ``models.create_model``), or one of the blocks ``zoo.BasicBlock``,
-    ``zoo.PreActBlock``, ``zoo.ConvBN`` for the matching legacy block. Both structures are
-    walked explicitly, pairing layers in forward order; the values of ``new_model``'s Variables
-    are replaced in place (cast to their dtype) and ``old_model`` is left unchanged.
+    ``.net`` of ``models.create_model``), or one of the blocks ``models.layers.BasicBlock``,
+    ``models.layers.PreActBlock``, ``models.layers.ConvBN`` for the matching legacy block. Both
+    structures are walked explicitly, pairing layers in forward order; the values of
+    ``new_model``'s Variables are replaced in place (cast to their dtype) and ``old_model`` is
+    left unchanged.
 
     Raises:
       ValueError: if the structures differ (layer counts, shortcuts, strides / padding,

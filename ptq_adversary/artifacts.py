@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ptq_adversary import checkpoint, distributed, io, models, policy
-from ptq_adversary.policy_net import PolicyNet
+from ptq_adversary.policy import PolicyNet
 
 __all__ = [
     "ArtifactError",

@@ -13,7 +13,7 @@ the audit evaluates budget-feasible per-example bit allocations found by several
   allocation, repeatedly move bits between two sites (exact sum kept) and keep the ``W`` best
   allocations (``W = 1`` greedy). Works for any number of sites.
 ``policy``
-  the pipeline's input-conditioned policy (:class:`~ptq_adversary.policy_net.PolicyNet`)
+  the pipeline's input-conditioned policy (:class:`~ptq_adversary.policy.PolicyNet`)
   trained by REINFORCE against the frozen network: the damage a *deployable* policy (a function
   of the input) achieves, as opposed to a per-example oracle.
 ``certify``
@@ -61,8 +61,7 @@ from ptq_adversary.models import (
     quantized_program,
     split_model,
 )
-from ptq_adversary.policy import low_bit_starts
-from ptq_adversary.policy_net import PolicyNet, greedy_allocation
+from ptq_adversary.policy import PolicyNet, greedy_allocation, low_bit_starts
 
 __all__ = [
     "METHODS",
@@ -706,7 +705,7 @@ class PolicyConfig:
       num_samples: ``P`` allocations sampled per input (leave-one-out baseline, ``P >= 2``).
       learning_rate: Adam step size.
       entropy_coef: weight of the entropy bonus.
-      widths: the policy network's conv widths (:class:`~ptq_adversary.policy_net.PolicyNet`).
+      widths: the policy network's conv widths (:class:`~ptq_adversary.policy.PolicyNet`).
     """
 
     steps: int = 300
@@ -742,7 +741,7 @@ def train_policy(
       progress: show a progress bar.
 
     Returns:
-      The trained :class:`~ptq_adversary.policy_net.PolicyNet`.
+      The trained :class:`~ptq_adversary.policy.PolicyNet`.
     """
 
     images, labels = _check_inputs(images, labels)

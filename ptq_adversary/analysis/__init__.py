@@ -25,7 +25,7 @@ importable from ``ptq_adversary.analysis`` itself. Submodules:
   :data:`HEADLINE`, :func:`headline_numbers`, :func:`aggregate_seeds`).
 
 Forward passes go through the functional API (:func:`models.apply_model`,
-:func:`policy_net.greedy_allocation`), jitted once per architecture and batch shape.
+:func:`policy.greedy_allocation`), jitted once per architecture and batch shape.
 """
 
 from ptq_adversary.analysis.assessment import PREDICTION_PASSES, assess_pair

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary import artifacts, data, io, models, policy, policy_net
+from ptq_adversary import artifacts, data, io, models, policy
 
 __all__ = ["load_pair", "load_run_dataset", "pair_forward", "predict_pair"]
 
@@ -73,7 +73,7 @@ def pair_forward(
       int32 ``bit_idx [B, L]`` (indices into ``budget.choices``).
     """
     fp_logits, _ = models.apply_model(graphdef, params, rest, images)
-    bit_idx = policy_net.greedy_allocation(
+    bit_idx = policy.greedy_allocation(
         policy_graphdef, policy_params, policy_rest, images=images, budget=budget
     )
     q_logits, _ = models.apply_model(

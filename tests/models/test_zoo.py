@@ -1,4 +1,4 @@
-"""Tests for the plain model zoo in ptq_adversary.zoo and the sites models.create_model derives.
+"""``ptq_adversary.models.zoo``: the built-in networks and the sites create_model derives.
 
 The expected parameter counts, program orders and site names below were measured on the
 legacy bit-threading models they replace (``ptq_adversary/{layers,models}.py`` at commit
@@ -11,12 +11,13 @@ import re
 
 import jax
 import jax.extend.core as jex
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ptq_adversary import models, zoo
+from ptq_adversary import models
+from ptq_adversary.models import zoo
+from tests.models.cases import rngs
 
 _TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -134,33 +135,11 @@ _STRIDE2 = {
 }
 
 
-def _rngs(seed):
-    # "rbg" compiles faster than threefry for every new parameter shape (see test_models.py).
-    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
 def _build(name, seed=1):
     kwargs, c, hw = _TINY[name]
-    net = zoo.ZOO[name](num_classes=_NUM_CLASSES, in_channels=c, rngs=_rngs(seed), **kwargs)
+    net = zoo.ZOO[name](num_classes=_NUM_CLASSES, in_channels=c, rngs=rngs(seed), **kwargs)
     x = jax.random.normal(jax.random.key(seed + 100), (_BATCH, hw, hw, c))
     return net, x
-
-
-def _randomize(model, seed):
-    """Random values for every Variable (positive BatchNorm variances), so that BatchNorm's
-    scale, bias and running statistics are all exercised. NumPy draws them: no compile per
-    shape."""
-    rng = np.random.default_rng(seed)
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            value = np.asarray(node.get_value())
-            if path[-1] == "var":
-                value = rng.uniform(0.5, 1.5, value.shape)
-            elif path[-1] == "kernel":
-                value = value * rng.uniform(0.5, 1.5, value.shape)
-            else:
-                value = 0.3 * rng.standard_normal(value.shape)
-            node.set_value(jnp.asarray(value, dtype=jnp.float32))
 
 
 def _max_abs(a, b):
@@ -211,7 +190,7 @@ def test_create_model_site_names(name):
     # Site names do not depend on widths or image size: the tiny models have the registry's.
     kwargs, c, hw = _TINY[name]
     model = models.create_model(
-        name, num_classes=_NUM_CLASSES, in_channels=c, image_size=hw, rngs=_rngs(0), **kwargs
+        name, num_classes=_NUM_CLASSES, in_channels=c, image_size=hw, rngs=rngs(0), **kwargs
     )
     print(f"{name}: {model.site_names}")
     assert model.site_names == _SITES[name]
@@ -354,28 +333,3 @@ def test_eval_uses_running_statistics_and_train_updates_them():
     )
     assert all(jax.tree.leaves(changed))
     assert _max_abs(train_out, out) > 1e-3  # the two modes really differ
-
-
-def test_conv_bn_matches_batch_norm_formula_in_both_modes():
-    """The legacy BatchNorm semantics, spelled out: eval normalizes with the running statistics,
-    train with the biased batch statistics over (B, H, W) and then moves the running averages
-    by momentum 0.9; epsilon 1e-5."""
-    block = zoo.ConvBN(3, 4, 3, strides=2, rngs=_rngs(0))
-    _randomize(block, seed=7)
-    x = jax.random.normal(jax.random.key(5), (4, 9, 9, 3))
-    bn = block.bn
-    scale, bias = np.asarray(bn.scale[...]), np.asarray(bn.bias[...])
-    mean, var = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
-    y = np.asarray(block.conv(x), np.float64)
-    assert y.shape == (4, 5, 5, 4)
-
-    def formula(m, v):
-        return np.maximum(scale * (y - m) / np.sqrt(v + 1e-5) + bias, 0.0)
-
-    block.eval()
-    np.testing.assert_allclose(block(x), formula(mean, var), rtol=1e-5, atol=1e-5)
-    block.train()
-    batch_mean, batch_var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(block(x), formula(batch_mean, batch_var), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(bn.mean[...], 0.9 * mean + 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn.var[...], 0.9 * var + 0.1 * batch_var, rtol=1e-5, atol=1e-6)

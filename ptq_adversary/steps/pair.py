@@ -1,287 +1,35 @@
-"""Step builders: where models, losses, quantizers and optimizers meet.
+"""Stage B: a network and its bit-width policy trained as a pair, and their evaluation.
 
-Each ``make_*`` takes already-built pieces (a model's graphdef, an optax optimizer) and the few
-scalars it needs, and returns a pure function of arrays that the trainer jits. No config, no
-I/O. Steps return flat dicts of scalar (or ``[P]``) arrays; the caller reduces and logs them.
+:func:`make_pair_train_step` updates the network with the quantizer in the loop (allocations
+sampled from the policy, :func:`sample_allocations`) and then the policy by REINFORCE with
+rewards from the same quantized passes; :func:`make_pair_eval_step` scores the policy's greedy
+allocation against the uniform and random feasible ones. :class:`PairState` is the pytree the
+train step carries; :data:`MODES` and :data:`REWARDS` are the allowed ``mode`` / ``reward``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.typing import ArrayLike
 
-from ptq_adversary import backend, losses, policy, policy_net
+from ptq_adversary import backend, losses, policy
 from ptq_adversary.models import apply_model
+from ptq_adversary.steps.policies import map_policies
 
 __all__ = [
-    "TrainState",
-    "create_train_state",
-    "make_supervised_train_step",
-    "make_distill_train_step",
-    "make_eval_step",
-    "uniform_bits",
-    "PairState",
-    "create_pair_state",
-    "sample_allocations",
-    "make_pair_train_step",
-    "make_pair_eval_step",
     "MODES",
     "REWARDS",
-    "map_policies",
+    "PairState",
+    "create_pair_state",
+    "make_pair_eval_step",
+    "make_pair_train_step",
+    "sample_allocations",
 ]
 
-
-@struct.dataclass
-class TrainState:
-    """Everything a supervised run needs to continue exactly; a pytree of arrays.
-
-    Attributes:
-      step: int32 scalar, optimizer steps taken.
-      params: the model's ``nnx.Param`` state.
-      rest: the model's other state (BatchNorm statistics).
-      opt_state: the optax optimizer state.
-      rng: uint32 ``[2]`` base key; steps derive theirs with ``fold_in(rng, step)``.
-    """
-
-    step: jax.Array
-    params: nnx.State
-    rest: nnx.State
-    opt_state: optax.OptState
-    rng: jax.Array
-
-
-def create_train_state(
-    params: nnx.State, rest: nnx.State, optimizer: optax.GradientTransformation, seed: int
-) -> TrainState:
-    """The initial state: step 0, fresh optimizer state, base key from ``seed``."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        rest=rest,
-        opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(seed),
-    )
-
-
-def make_supervised_train_step(
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    *,
-    label_smoothing: float = 0.0,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """A full-precision cross-entropy training step (BatchNorm in training mode).
-
-    Args:
-      graphdef: the model's graph definition (from ``split_model``).
-      optimizer: an optax optimizer.
-      label_smoothing: in ``[0, 1)``; 0 is plain cross-entropy.
-
-    Returns:
-      ``step(state, images [B,H,W,C] float32, labels [B] int32) -> (state, metrics)`` with
-      batch-mean ``loss`` and ``accuracy`` and the global ``grad_norm``.
-    """
-
-    def loss_fn(params, rest, images, labels):
-        logits, new_rest = apply_model(graphdef, params, rest, images, train=True)
-        targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-        if label_smoothing:
-            targets = optax.smooth_labels(targets, label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
-        return loss, (logits, new_rest)
-
-    def step(state: TrainState, images: jax.Array, labels: jax.Array):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, new_rest)), grads = grad_fn(state.params, state.rest, images, labels)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        new_state = state.replace(
-            step=state.step + 1, params=params, rest=new_rest, opt_state=opt_state
-        )
-        return new_state, metrics
-
-    return step
-
-
-def make_distill_train_step(
-    graphdef: nnx.GraphDef,
-    optimizer: optax.GradientTransformation,
-    *,
-    temperature: float,
-    label_weight: float = 0.0,
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """A stage-A knowledge-distillation step from cached teacher logits (full precision).
-
-    Loss: ``mean_b kd_loss(f(x_b), T_b; tau) + label_weight * mean_b CE(f(x_b), y_b)``.
-
-    Args:
-      graphdef: the student's graph definition.
-      optimizer: an optax optimizer.
-      temperature: KD temperature ``tau``.
-      label_weight: weight of the optional cross-entropy term on the labels (0: black-box KD
-        from the teacher's outputs only).
-
-    Returns:
-      ``step(state, images [B,H,W,C], labels [B], teacher_logits [B,C]) -> (state, metrics)``
-      with ``loss``, ``kd_loss``, ``accuracy`` (vs labels), ``teacher_agreement`` and
-      ``grad_norm``.
-    """
-
-    def loss_fn(params, rest, images, labels, teacher_logits):
-        logits, new_rest = apply_model(graphdef, params, rest, images, train=True)
-        kd = losses.kd_loss(logits, teacher_logits, temperature=temperature).mean()
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return kd + label_weight * ce, (logits, new_rest, kd)
-
-    def step(state: TrainState, images, labels, teacher_logits):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, new_rest, kd)), grads = grad_fn(
-            state.params, state.rest, images, labels, teacher_logits
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        predictions = jnp.argmax(logits, -1)
-        metrics = {
-            "loss": loss,
-            "kd_loss": kd,
-            "accuracy": jnp.mean(predictions == labels),
-            "teacher_agreement": jnp.mean(predictions == jnp.argmax(teacher_logits, -1)),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            rest=new_rest,
-            opt_state=opt_state,
-        )
-        return new_state, metrics
-
-    return step
-
-
-# ------------------------------------------------------------------- many policies at once
-def map_policies(
-    fn: Callable[[jax.Array], Any],
-    bits_pbl: ArrayLike,
-    *,
-    chunk: int | None = None,
-    unroll: bool = False,
-) -> Any:
-    """``jax.vmap(fn)(bits_pbl)``, computed in chunks of ``chunk`` policies.
-
-    ``fn`` maps one allocation ``bits_bl [B, L]`` to a pytree of arrays; everything else it
-    needs (weights, images) is closed over and shared by all policies, and whatever does not
-    depend on the bits (e.g. the first layer, whose input is the image) is computed once. With
-    ``chunk >= P`` this is one ``jax.vmap`` (the P policies folded into the batch). Otherwise
-    it is a ``jax.lax.map(fn, bits_pbl, batch_size=chunk)``: a loop over ``P // chunk``
-    vmapped chunks plus one vmapped remainder, so each call keeps a cache-friendly size and
-    memory stays flat in ``P``; or, with ``unroll``, the same chunks as a Python loop (one copy
-    of ``fn`` per chunk in the program).
-
-    Use ``unroll=True`` where the result is differentiated: XLA:CPU (jax 0.10) leaves the
-    weight-gradient convolutions of a loop body in a non-canonical layout, and the backward pass
-    of the looped policies ran 6-11x slower than one vmap (experiments/bench_torch.py profile).
-    Forward-only evaluation keeps the loop, whose program size and compile time do not grow
-    with P.
-
-    Args:
-      fn: ``bits_bl int [B, L] -> pytree``, traceable.
-      bits_pbl: int ``[P, B, L]`` (any leading axis ``P``, including 0).
-      chunk: policies per vmapped call; ``None`` picks :func:`backend.policy_chunk` for the
-        current backend.
-      unroll: chunks as a Python loop instead of a ``lax.map``.
-
-    Returns:
-      ``fn``'s pytree with a leading ``[P]`` axis on every leaf; equal to the full vmap up to
-      float rounding of differently sized convolutions (tests/test_steps.py).
-    """
-    bits_pbl = jnp.asarray(bits_pbl)
-    num_policies = bits_pbl.shape[0]
-    if chunk is None:
-        chunk = backend.policy_chunk(num_policies, bits_pbl.shape[1] if bits_pbl.ndim > 1 else 1)
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if chunk >= num_policies:
-        return jax.vmap(fn)(bits_pbl)
-    if not unroll:
-        return jax.lax.map(fn, bits_pbl, batch_size=chunk)
-    parts = [jax.vmap(fn)(bits_pbl[i : i + chunk]) for i in range(0, num_policies, chunk)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-
-
-def uniform_bits(choices: Sequence[int], batch: int, num_sites: int) -> jax.Array:
-    """Allocations that put every site at the same bit-width.
-
-    Args:
-      choices: P bit-widths.
-      batch: B.
-      num_sites: L.
-
-    Returns:
-      int32 ``[P, B, L]`` with ``out[p] == choices[p]`` everywhere.
-    """
-    values = jnp.asarray(choices, jnp.int32)[:, None, None]
-    return jnp.broadcast_to(values, (len(choices), batch, num_sites))
-
-
-def make_eval_step(
-    graphdef: nnx.GraphDef, *, chunk: int | None = None, branches: int | None = None
-) -> Callable[..., dict[str, jax.Array]]:
-    """An evaluation step: full precision and P bit allocations in one call, masked sums.
-
-    The P quantized forward passes run over the policy axis of ``bits`` with shared weights
-    (:func:`map_policies`: vmapped, in chunks of ``chunk`` policies), so one compile serves
-    every allocation of the same shape.
-
-    Args:
-      graphdef: the model's graph definition.
-      chunk: policies per vmapped call (``None``: :func:`backend.policy_chunk` for the backend).
-      branches: batch branches of each quantized pass (``None``: the backend's default,
-        :func:`backend.inference_branches`; see :func:`models.apply_model`).
-
-    Returns:
-      ``step(params, rest, images [B,H,W,C], labels [B], mask [B], bits [P,B,L] int) ->
-      metrics`` with masked sums: ``count``, ``fp_correct``, ``fp_loss`` (scalars) and
-      ``q_correct``, ``q_loss`` (``[P]``). ``P`` may be 0.
-    """
-
-    def masked_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array):
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.sum(correct * mask), jnp.sum(loss * mask)
-
-    def step(
-        params, rest, images: ArrayLike, labels: ArrayLike, mask: ArrayLike, bits: ArrayLike
-    ) -> dict[str, Any]:
-        fp_logits, _ = apply_model(graphdef, params, rest, images)
-        fp_correct, fp_loss = masked_sums(fp_logits, labels, mask)
-
-        def quantized(bits_bl):
-            q_logits, _ = apply_model(graphdef, params, rest, images, bits_bl, branches=branches)
-            return masked_sums(q_logits, labels, mask)
-
-        q_correct, q_loss = map_policies(quantized, bits, chunk=chunk)
-        return {
-            "count": jnp.sum(mask),
-            "fp_correct": fp_correct,
-            "fp_loss": fp_loss,
-            "q_correct": q_correct,
-            "q_loss": q_loss,
-        }
-
-    return step
-
-
-# ------------------------------------------------------------------------- stage B: pairs
 MODES = ("robust", "detrimental")
 REWARDS = ("kl", "ce")
 
@@ -552,7 +300,7 @@ def make_pair_eval_step(
     def step(params, rest, policy_params, policy_rest, images, labels, mask, key):
         batch = images.shape[0]
         fp_logits, _ = apply_model(graphdef, params, rest, images)
-        greedy_idx = policy_net.greedy_allocation(  # [B, L]
+        greedy_idx = policy.greedy_allocation(  # [B, L]
             policy_graphdef, policy_params, policy_rest, images=images, budget=budget
         )
         keys = jax.random.split(key, num_random * batch).reshape(num_random, batch, -1)

@@ -2,7 +2,8 @@
 
 A deliberately small, full-precision CNN (it is never quantized): strided 3x3 convolutions with
 ReLU, a global average pool and one dense layer to ``L * K`` logits. Its output feeds
-:mod:`ptq_adversary.policy`, which masks it to the budget and samples or decodes allocations.
+:mod:`ptq_adversary.policy.decode`, which masks it to the budget and samples or decodes
+allocations; :func:`greedy_allocation` is the deployed (greedy) decode of a batch.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
-from ptq_adversary.policy import Budget, greedy
+from ptq_adversary.policy.budget import Budget
+from ptq_adversary.policy.decode import greedy
 
-__all__ = ["PolicyNet"]
+__all__ = ["PolicyNet", "greedy_allocation"]
 
 
 class PolicyNet(nnx.Module):

@@ -1,131 +1,24 @@
-"""The budget-constrained allocation distribution (ptq_adversary.policy), under jax.jit."""
+"""``ptq_adversary.policy.decode``: the masked distribution, sampling and decoding, jitted."""
 
 import functools
-import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ptq_adversary import policy
-from ptq_adversary.policy import Budget, InfeasibleBudgetError
-from ptq_adversary.policy_net import PolicyNet
-
-DEFAULT = policy.DEFAULT_CHOICES
-SMALL = Budget(DEFAULT, 3, 4)  # 22 feasible allocations
-
-BUDGETS = [
+from ptq_adversary.policy import Budget
+from tests.policy.cases import (
+    BUDGETS,
+    DEFAULT,
     SMALL,
-    Budget(DEFAULT, 4, 7),  # budget between choices (6 and 8)
-    Budget(DEFAULT, 3, 7),  # ... where the 6/8 mix cannot make the sum 21 (5 + 8 + 8 can)
-    Budget(DEFAULT, 1, 5),  # L = 1: the only site is forced
-    Budget(DEFAULT, 20, 4),  # ResNet-18-sized
-    Budget((2, 4, 8), 5, 3.2),  # sparse choices
-    Budget((2, 8), 3, 4),  # only 2+2+8 orderings
-]
-
-
-@functools.partial(jax.jit, static_argnames="budget")
-def greedy_many(logits_n, budget):
-    return jax.vmap(lambda lg: policy.greedy(lg, budget))(logits_n)
-
-
-@functools.partial(jax.jit, static_argnames="budget")
-def log_prob_many(logits, bit_idx_n, budget):
-    return jax.vmap(lambda b: policy.log_prob(logits, b, budget))(bit_idx_n)
-
-
-@functools.partial(jax.jit, static_argnames="budget")
-def entropy_many(logits, bit_idx_n, budget):
-    return jax.vmap(lambda b: policy.entropy(logits, b, budget))(bit_idx_n)
-
-
-def random_logits(seed, budget, n=None, scale=3.0):
-    """float32 ``[L, K]`` (or ``[n, L, K]``) test logits; numpy's RNG avoids a compile per shape."""
-    shape = (budget.num_sites, budget.num_choices)
-    shape = shape if n is None else (n, *shape)
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float32)
-
-
-def brute_force(budget):
-    """All feasible bit_idx tuples by exhaustive search (lexicographic)."""
-    return [
-        idx
-        for idx in itertools.product(range(budget.num_choices), repeat=budget.num_sites)
-        if sum(budget.choices[k] for k in idx) == budget.total
-    ]
-
-
-# -------------------------------------------------------------------------------- Budget
-def test_budget_is_hashable_static_and_normalised():
-    a = Budget([2, 3, 4, 5, 6, 8], 3, 4)
-    b = Budget(DEFAULT, 3, 4.0)
-    assert a == b and hash(a) == hash(b)
-    assert a.choices == DEFAULT and isinstance(a.budget, float)
-    assert a.total == 12 and a.num_choices == 6
-    assert Budget(DEFAULT, 3, 13 / 3).total == 13
-
-
-@pytest.mark.parametrize("budget", [SMALL, Budget((2, 4, 8), 4, 3.5), Budget((2, 8), 3, 4)])
-def test_tables_match_brute_force(budget):
-    for m in range(budget.num_sites + 1):
-        sums = [sum(t) for t in itertools.product(budget.choices, repeat=m)]
-        expected = np.bincount(sums, minlength=budget.counts.shape[1])  # m = 0: sum 0 once
-        np.testing.assert_array_equal(budget.counts[m], expected)
-        np.testing.assert_array_equal(budget.reachable[m], expected > 0)
-    assert policy.num_allocations(budget) == len(brute_force(budget))
-
-
-@pytest.mark.parametrize(
-    "choices, num_sites, budget, fragment",
-    [
-        (DEFAULT, 3, 4.5, "budget 4.5 is infeasible for L=3 sites with choices (2,3,4,5,6,8)"),
-        (DEFAULT, 3, 1, "budget 1 is infeasible"),  # below 2 bits
-        (DEFAULT, 3, 9, "budget 9 is infeasible"),  # above 8 bits
-        (DEFAULT, 1, 7, "budget 7 is infeasible for L=1"),  # inside [2, 8] but 7 is no choice
-        (DEFAULT, 2, 7.5, "budget 7.5 is infeasible for L=2"),  # 15 = 8 + 7 or 6 + 9
-        ((2, 4, 8), 3, 3, "budget 3 is infeasible"),  # odd total from even choices
-    ],
+    entropy_many,
+    greedy_many,
+    log_prob_many,
+    random_logits,
 )
-def test_infeasible_budgets_are_rejected(choices, num_sites, budget, fragment):
-    with pytest.raises(InfeasibleBudgetError) as info:
-        Budget(choices, num_sites, budget)
-    message = str(info.value)
-    assert fragment in message
-    assert "feasible mean-bit budgets lie in" in message
-    assert "\n" not in message
-    assert isinstance(info.value, ValueError)
-
-
-def test_infeasible_message_names_the_range_and_step():
-    with pytest.raises(
-        InfeasibleBudgetError, match=r"lie in \[2, 8\] in steps of 1/3, except 23/3"
-    ):
-        Budget(DEFAULT, 3, 4.5)
-    with pytest.raises(InfeasibleBudgetError, match=r"lie in \[2, 8\] in steps of 1/2, except 7.5"):
-        Budget(DEFAULT, 2, 7.5)
-
-
-@pytest.mark.parametrize(
-    "choices, num_sites",
-    [
-        ((3, 2), 3),
-        ((2, 2, 4), 3),
-        ((1, 2), 3),
-        ((2, 17), 3),
-        ((2.5, 4), 3),
-        ((), 3),
-        (DEFAULT, 0),
-        (DEFAULT, 2.0),
-    ],
-)
-def test_bad_choices_or_sites_are_rejected(choices, num_sites):
-    with pytest.raises(InfeasibleBudgetError, match="choices|num_sites"):
-        Budget(choices, num_sites, 4)
 
 
 # ----------------------------------------------------------------------- exact budget always
@@ -307,52 +200,6 @@ def test_greedy_is_deterministic_and_breaks_ties_low():
     np.testing.assert_array_equal(greedy_many(logits, SMALL), greedy_many(logits, SMALL))
 
 
-# --------------------------------------------------------------------- host-side helpers
-@pytest.mark.parametrize("budget", [SMALL, Budget((2, 4, 8), 4, 3.5), Budget(DEFAULT, 1, 5)])
-def test_enumerate_allocations_is_complete_and_lexicographic(budget):
-    allocations = policy.enumerate_allocations(budget)
-    assert allocations.dtype == np.int32
-    assert [tuple(a) for a in allocations.tolist()] == brute_force(budget)
-
-
-def test_enumerate_allocations_refuses_large_counts_before_enumerating():
-    big = Budget(DEFAULT, 20, 4)
-    assert policy.num_allocations(big) > 10**12
-    with pytest.raises(ValueError, match="exceed limit"):
-        policy.enumerate_allocations(big, limit=1000)
-
-
-@pytest.mark.parametrize(
-    "num_sites, budget, expected_bits",
-    [
-        (4, 4, [4, 4, 4, 4]),  # the budget is a choice
-        (4, 7, [6, 8, 6, 8]),  # half 6, half 8, interleaved
-        (2, 4.5, [4, 5]),
-        (5, 3.4, [3, 4, 3, 4, 3]),  # 3 x 3 + 2 x 4
-        (3, 7, [8, 5, 8]),  # 6/8 cannot make 21: nearest feasible mix
-        (1, 8, [8]),
-    ],
-)
-def test_uniform_allocation_by_hand(num_sites, budget, expected_bits):
-    b = Budget(DEFAULT, num_sites, budget)
-    bit_idx = policy.uniform_allocation(b)
-    assert bit_idx.dtype == np.int32 and bit_idx.shape == (num_sites,)
-    np.testing.assert_array_equal(policy.to_bits(bit_idx, b), expected_bits)
-
-
-def test_uniform_allocation_meets_every_feasible_budget():
-    for choices in (DEFAULT, (2, 4, 8), (3, 5)):
-        for num_sites in (1, 2, 3, 7, 12):
-            probe = Budget(choices, num_sites, choices[0])
-            for total in np.flatnonzero(probe.reachable[num_sites]):
-                b = Budget(choices, num_sites, total / num_sites)
-                bits = np.asarray(policy.to_bits(policy.uniform_allocation(b), b))
-                assert bits.sum() == b.total
-                assert bits.max() - bits.min() <= choices[-1] - choices[0]
-                if b.budget in choices:
-                    assert np.all(bits == b.budget)
-
-
 def test_to_bits_any_shape():
     bit_idx = jnp.array([[[0, 5, 2]], [[1, 1, 1]]])  # [P=2, B=1, L=3]
     bits = policy.to_bits(bit_idx, SMALL)
@@ -409,40 +256,3 @@ def test_shape_and_dtype_errors():
         policy.log_prob(jnp.zeros((3, 6)), jnp.zeros((4,), jnp.int32), SMALL)
     with pytest.raises(TypeError, match="integer"):
         policy.log_prob(jnp.zeros((3, 6)), jnp.zeros((3,)), SMALL)
-
-
-# ------------------------------------------------------------------------------ PolicyNet
-def test_policy_net_shapes_and_uniform_initial_policy():
-    budget = Budget(DEFAULT, 4, 7)
-    # An "rbg" key: threefry's truncated-normal init compiles for seconds per conv on CPU.
-    rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
-    net = PolicyNet(num_sites=4, num_choices=6, in_channels=3, rngs=rngs)
-    graphdef, state = nnx.split(net)
-
-    @jax.jit
-    def forward_and_grad(state, x, bit_idx):
-        def total_log_prob(state):
-            logits = nnx.merge(graphdef, state)(x)
-            logp = jax.vmap(lambda lg, b: policy.log_prob(lg, b, budget))(logits, bit_idx)
-            return jnp.sum(logp), (logits, logp)
-
-        return jax.grad(total_log_prob, has_aux=True)(state)
-
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 12, 12, 3)), jnp.float32)
-    allocations = policy.enumerate_allocations(budget)[:5]
-    grads, (logits, logp) = forward_and_grad(state, x, allocations)
-    assert logits.shape == (5, 4, 6) and logits.dtype == jnp.float32
-    # Zero-initialised head: every input gets zero logits, i.e. each site's conditional is
-    # uniform over its allowed choices, so log_prob is -sum_l log(#allowed_l).
-    np.testing.assert_array_equal(logits, 0.0)
-    expected = -np.asarray(entropy_many(jnp.zeros((4, 6)), allocations, budget))
-    np.testing.assert_allclose(logp, expected, rtol=1e-6)
-    # ... yet the head is trainable from the first step (its gradient is not zero).
-    assert np.any(np.asarray(grads["head"]["kernel"][...]) != 0.0)
-
-
-def test_policy_net_without_convs_and_bad_input():
-    net = PolicyNet(num_sites=2, num_choices=3, in_channels=1, widths=(), rngs=nnx.Rngs(1))
-    assert net(jnp.ones((2, 4, 4, 1))).shape == (2, 2, 3)
-    with pytest.raises(ValueError, match="NHWC"):
-        net(jnp.ones((4, 4, 1)))
