@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ptq_adversary import audit, certify, models, policy, policy_net, steps  # noqa: E402
+from ptq_adversary import audit, models, policy, policy_net, steps  # noqa: E402
+from ptq_adversary.audit import branch_and_bound as certify  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 DRY_FLAG = " --cpu-dry-run"
