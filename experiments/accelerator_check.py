@@ -12,7 +12,7 @@ models: the default student (``cnn``, 28x28x1, 4 sites) and a ResNet-18 at CIFAR
   absolute examples/s (P x B per second);
 * **static**: traced bits (one compile, an int array argument) against static bits (a Python
   tuple through ``static_argnums``: one compile per allocation), compile included;
-* **certify**: ``certify.certify`` on the cnn (exact worst case, budget 4 over {2..8}) against
+* **certify**: ``audit.certify`` on the cnn (exact worst case, budget 4 over {2..8}) against
   ``audit.exhaustive``; on the ResNet-18 certify alone, node-limited;
 * **stage_b**: the stage-B step (``steps.make_pair_train_step``, P = 8 samples, quant batch 32,
   batch 64): steps/s;
@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ptq_adversary import audit, certify, models, policy, steps  # noqa: E402
+from ptq_adversary import audit, models, policy, steps  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 DRY_FLAG = " --cpu-dry-run"
@@ -200,7 +200,7 @@ def bench_certify(ms: dict[str, dict[str, Any]], dry: bool) -> dict[str, Any]:
         _, correct = audit.exhaustive(cnn["model"], images, labels, allocations)
         ex_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = certify.certify(cnn["model"], images, labels, budget)
+        res = audit.certify(cnn["model"], images, labels, budget)
         ce_s = time.perf_counter() - t0
     worst = float(np.mean(np.all(np.asarray(correct), axis=0)))
     rows.append({"model": "cnn", "examples": n, "method": "exhaustive", "s": ex_s,
@@ -217,7 +217,7 @@ def bench_certify(ms: dict[str, dict[str, Any]], dry: bool) -> dict[str, Any]:
                                            images)[0], -1)  # fmt: skip
     rb = policy.Budget(choices=CHOICES, num_sites=rn["sites"], budget=4.0)
     t0 = time.perf_counter()
-    res = certify.certify(rn["model"], images, labels, rb, node_limit=32)
+    res = audit.certify(rn["model"], images, labels, rb, node_limit=32)
     s = time.perf_counter() - t0
     rows.append({"model": "resnet18", "examples": n, "method": "certify (node limit)", "s": s,
                  "examples/s": n / s, "worst-case accuracy": res.accuracy,

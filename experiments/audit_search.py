@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flax import nnx  # noqa: E402
 
 from ptq_adversary import artifacts, audit, data, io, models, policy  # noqa: E402
+from ptq_adversary.audit import evaluate  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 BUDGET = 4.0
@@ -80,7 +81,7 @@ def main() -> None:
     loss, correct = audit.exhaustive(model, x, y, allocs)
     exact_s = time.perf_counter() - t0
     exact_loss = loss.max(axis=0)
-    fp_right = np.asarray(audit._fp_eval(*models.split_model(model), x, y)[1], bool)
+    fp_right = np.asarray(evaluate.fp_eval(*models.split_model(model), x, y)[1], bool)
     rows = [
         {
             "method": "exhaustive (exact)",

@@ -7,7 +7,7 @@ the exact per-example worst case is computed three ways, timed side by side (rou
 
 * **naive loop**: one jitted full forward pass per allocation (109 calls per batch of 256);
 * **exhaustive** (``audit.exhaustive``): the prefix-shared enumeration;
-* **certify** (``certify.certify``, defaults): candidate leaves (uniform, low-bit) first, then
+* **certify** (``audit.certify``, defaults): candidate leaves (uniform, low-bit) first, then
   branch and bound; a broken example leaves the search at its first misclassifying leaf, a
   certified node's subtree is never evaluated. Also with ``bounds=False`` (break-pruning
   alone) and ``bounds=True`` (linear-relaxation bounds at every depth).
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ptq_adversary import artifacts, audit, certify, data, models, policy
+from ptq_adversary import artifacts, audit, data, models, policy
 
 NAME = "certify: exact worst case"
 GOAL = "certify's exact worst-case accuracy >= 3x faster than the naive per-allocation loop"
@@ -80,11 +80,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "exhaustive (prefix-shared enumeration)": lambda: keep(
             "exhaustive", audit.exhaustive(model, images, labels, allocs)),
         "certify (defaults: auto bounds, linear relaxation)": lambda: keep(
-            "certify", certify.certify(model, images, labels, budget)),
+            "certify", audit.certify(model, images, labels, budget)),
         "certify, bounds off (break-pruning alone)": lambda: keep(
-            "certify_off", certify.certify(model, images, labels, budget, bounds=False)),
+            "certify_off", audit.certify(model, images, labels, budget, bounds=False)),
         "certify, bounds at every depth": lambda: keep(
-            "certify_on", certify.certify(model, images, labels, budget, bounds=True)),
+            "certify_on", audit.certify(model, images, labels, budget, bounds=True)),
     }  # fmt: skip
     times = bench_lib.time_interleaved(fns, rounds=rounds, warmup=1)
 

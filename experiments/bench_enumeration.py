@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_adversary import audit, backend, models, policy, steps
+from ptq_adversary.audit import enumeration
 
 NAME = "exhaustive enumeration"
 GOAL = "prefix-shared enumeration >= 3x faster than naive per-allocation evaluation"
@@ -128,16 +129,16 @@ def run(quick: bool = False) -> dict[str, Any]:
 def _level_costs(model, graphdef, params, rest, x, allocs, rounds):
     """Per-level cost of the prefix-shared path, run the way ``audit.exhaustive`` runs it.
 
-    Each level (a segment of stages, see ``audit._segments``) is timed on its own over all its
-    rows in groups of ``backend.ROW_BRANCHES`` prefixes per call. Returns the rows of the table,
-    the work bound ``sum_s c_s * N / sum_s c_s * n_s`` (``c_s`` the cost per row of level
-    ``s``, ``N`` allocations, ``n_s`` rows) and the time of the last level, which runs once
-    per allocation whatever is shared above it.
+    Each level (a segment of stages, see ``audit.enumeration.segments``) is timed on its own
+    over all its rows in groups of ``backend.ROW_BRANCHES`` prefixes per call. Returns the rows
+    of the table, the work bound ``sum_s c_s * N / sum_s c_s * n_s`` (``c_s`` the cost per row
+    of level ``s``, ``N`` allocations, ``n_s`` rows) and the time of the last level, which runs
+    once per allocation whatever is shared above it.
     """
-    levels, _ = audit.prefix_tree(allocs, audit._stage_sites(model))
+    levels, _ = audit.prefix_tree(allocs, enumeration.stage_sites(model))
     h, fns, rows_of = [x], {}, {}
-    for segment in audit._plan(levels):
-        level = functools.partial(audit._grouped_level, graphdef, params, rest, segment, h)
+    for segment in enumeration.plan(levels):
+        level = functools.partial(enumeration.grouped_level, graphdef, params, rest, segment, h)
         fns[segment.stages], rows_of[segment.stages] = level, len(segment.bits)
         h = level()
     times = bench_lib.time_interleaved(fns, rounds=2 * rounds + 1, warmup=1)

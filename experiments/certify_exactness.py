@@ -8,7 +8,7 @@ For the stage-A student and both pairs' selected networks of a pipeline workdir
 {2,3,4,5,6,8}, mean 4 bits: 109 feasible allocations for the 4-site CNN), this runs
 
 * ``audit.exhaustive``: every allocation on every example (the exact worst case), and
-* ``certify.certify`` with its defaults (candidates: the uniform and low-bit allocations;
+* ``audit.certify`` with its defaults (candidates: the uniform and low-bit allocations;
   ``bounds="auto"``, ``relaxation="linear"``), and with ``--every-depth`` once more with
   bounds on at every depth,
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import bench_lib  # noqa: E402
 
-from ptq_adversary import analysis, artifacts, audit, certify, data, policy  # noqa: E402
+from ptq_adversary import analysis, artifacts, audit, data, policy  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
 BUDGET = 4.0
@@ -64,8 +64,8 @@ def run_one(model, images, labels, every: bool) -> dict:
            "exhaustive_s": round(t_exh, 1), "certify": {}}  # fmt: skip
     variants = [("auto", {})] + ([("bounds at every depth", {"bounds": True})] if every else [])
     for label, kw in variants:
-        certify.certify(model, images[:64], labels[:64], budget, **kw)  # compiles
-        r = certify.certify(model, images, labels, budget, **kw)
+        audit.certify(model, images[:64], labels[:64], budget, **kw)  # compiles
+        r = audit.certify(model, images, labels, budget, **kw)
         out["certify"][label] = {
             "certified_accuracy": r.certified_accuracy,
             "accuracy": r.accuracy,

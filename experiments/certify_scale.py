@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import bench_lib  # noqa: E402
 
-from ptq_adversary import artifacts, audit, data, policy  # noqa: E402
+from ptq_adversary import artifacts, audit, data, plotting, policy  # noqa: E402
 
 C6 = (2, 3, 4, 5, 6, 8)
 C4 = (4, 5, 6, 8)
@@ -136,11 +136,7 @@ def growth(model, images, choices) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = plotting.pyplot()
     c6 = [r for r in rows if tuple(r["choices"]) == C6]
     b = [r["budget"] for r in c6]
     fig, ax = plt.subplots(figsize=(6, 3.6))

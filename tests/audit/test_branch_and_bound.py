@@ -1,8 +1,9 @@
-"""ptq_adversary.certify and the bounds it rests on (QuantizedFn.bound_segments, interval
-bounds; QuantizedFn.bound_margins, the linear relaxation): the bounds enclose what the quantized
-program computes for every allocation they claim to cover, and branch and bound agrees with
-exhaustive enumeration (certified examples are never broken, broken ones are broken by the
-reported bits), under node and time limits, with candidates, and inside the audit.
+"""ptq_adversary.audit.certify (branch and bound) and the bounds it rests on
+(QuantizedFn.bound_segments, interval bounds; QuantizedFn.bound_margins, the linear relaxation):
+the bounds enclose what the quantized program computes for every allocation they claim to
+cover, and branch and bound agrees with exhaustive enumeration (certified examples are never
+broken, broken ones are broken by the reported bits), under node and time limits, with
+candidates, and inside the audit.
 
 The property tests use tiny plain-JAX models (MLPs of 2 and 4 sites on ``[B, 6]``, a residual
 conv net of 3 sites on ``[B, 6, 6, 1]``, a 3-site conv net of the remaining primitives) with a
@@ -24,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptq_adversary import audit, certify, models, policy, transform
+from ptq_adversary import audit, models, policy, transform
 
 DN = ("NHWC", "HWIO", "NHWC")
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True)
@@ -340,13 +341,13 @@ def _check_margins(qfn, state, x, y, allocs, budget, rng) -> int:
 def _check_certify(model, qfn, state, x, y, budget, allocs, **kw):
     """certify against the exhaustive enumeration (exact: no limits); returns the result and
     the enumeration's ``correct [N, B]``."""
-    r = certify.certify(model, x, y, budget, row_chunk=32, **kw)
+    r = audit.certify(model, x, y, budget, row_chunk=32, **kw)
     _, correct = _exhaustive(model, x, y, allocs)
     robust = correct.all(0)  # correct under every feasible allocation
     assert r.state.shape == (len(y),) and r.bits.shape == (len(y), budget.num_sites)
     assert r.exact and r.stopped == "" and set(r.states()) <= {"certified", "broken"}
     # no feasible allocation misclassifies a certified example...
-    certified = r.state == certify.STATES.index("certified")
+    certified = r.state == audit.STATES.index("certified")
     assert np.all(robust[certified]), (r.summary(), correct)
     # ... the broken ones are exactly the breakable ones, by allocations that break them
     np.testing.assert_array_equal(r.broken, ~robust)
@@ -482,8 +483,8 @@ def test_certify_is_exact_without_limits(fixed, relaxation):
         n = np.flatnonzero(np.all(f["allocs"] == off.bits[e], axis=1))
         assert len(n) == 1 and f["loss"][n[0], e] == pytest.approx(f["loss"][:, e].max(), rel=1e-5)
     # examples searched in several chunks: the same outcome
-    chunked = certify.certify(f["model"], f["x"], f["y"], f["budget"], bounds=True,
-                              relaxation=relaxation, example_chunk=3, row_chunk=32)  # fmt: skip
+    chunked = audit.certify(f["model"], f["x"], f["y"], f["budget"], bounds=True,
+                            relaxation=relaxation, example_chunk=3, row_chunk=32)  # fmt: skip
     np.testing.assert_array_equal(chunked.state, on.state)
     summary = on.summary()
     json.dumps(summary)
@@ -499,8 +500,8 @@ def _check_bracket(r, f):
     """Whatever the limits: certified examples are robust, broken ones breakable (by their
     bits), and the accuracy is bracketed."""
     robust = f["robust"]
-    certified = r.state == certify.STATES.index("certified")
-    unknown = r.state == certify.STATES.index("unknown")
+    certified = r.state == audit.STATES.index("certified")
+    unknown = r.state == audit.STATES.index("unknown")
     assert np.all(robust[certified]) and not np.any(robust[r.broken])
     b = r.broken
     if b.any():
@@ -513,7 +514,7 @@ def _check_bracket(r, f):
 
 def test_node_limit_leaves_open_examples_unknown(fixed):
     f = fixed
-    call = lambda **kw: certify.certify(f["model"], f["x"], f["y"], f["budget"], row_chunk=32, **kw)
+    call = lambda **kw: audit.certify(f["model"], f["x"], f["y"], f["budget"], row_chunk=32, **kw)
     r = call(bounds=False, node_limit=1)
     _check_bracket(r, f)
     assert not r.exact and r.stopped == "node limit"
@@ -535,13 +536,13 @@ def test_node_limit_leaves_open_examples_unknown(fixed):
 
 def test_time_limit_zero_decides_nothing(fixed):
     f = fixed
-    r = certify.certify(f["model"], f["x"], f["y"], f["budget"], time_limit=0, row_chunk=32)
+    r = audit.certify(f["model"], f["x"], f["y"], f["budget"], time_limit=0, row_chunk=32)
     assert r.stopped == "time limit" and not r.exact
     assert np.all(r.states() == "unknown")
     assert r.certified_accuracy == 0.0 and r.accuracy == 1.0
     assert r.leaves == 0 and not r.nodes.any()
     assert np.all(r.bits == -1) and np.all(r.worst_loss == -np.inf)
-    r = certify.certify(f["model"], f["x"], f["y"], f["budget"], time_limit=1e6, row_chunk=32)
+    r = audit.certify(f["model"], f["x"], f["y"], f["budget"], time_limit=1e6, row_chunk=32)
     assert r.exact and r.stopped == "" and np.array_equal(r.broken, ~f["robust"])
 
 
@@ -554,7 +555,7 @@ def test_per_example_candidates_break_their_examples(fixed):
     # per breakable example a misclassifying allocation (the lowest-loss one), else uniform
     wrong_loss = np.where(f["correct"], np.inf, f["loss"])
     breaking = np.where(breakable[:, None], f["allocs"][wrong_loss.argmin(0)], uniform[None])
-    call = lambda c, **kw: certify.certify(
+    call = lambda c, **kw: audit.certify(
         f["model"], f["x"], f["y"], f["budget"], candidates=c, row_chunk=32, **kw
     )
     # node_limit=1: no tree below the root, so whatever is broken was broken by a candidate
@@ -586,15 +587,13 @@ def test_per_example_candidates_break_their_examples(fixed):
 def test_bad_candidate_shapes_are_refused(fixed, shape):
     f = fixed
     with pytest.raises(ValueError):
-        certify.certify(f["model"], f["x"], f["y"], f["budget"],
-                        candidates=np.full(shape, 6, np.int32))  # fmt: skip
+        audit.certify(f["model"], f["x"], f["y"], f["budget"],
+                      candidates=np.full(shape, 6, np.int32))  # fmt: skip
 
 
 def test_bad_arguments_are_refused(fixed):
     f = fixed
-    call = lambda budget=f["budget"], **kw: certify.certify(
-        f["model"], f["x"], f["y"], budget, **kw
-    )
+    call = lambda budget=f["budget"], **kw: audit.certify(f["model"], f["x"], f["y"], budget, **kw)
     with pytest.raises(ValueError, match="budget has 2 sites"):
         call(policy.Budget((2, 6, 8), 2, 7.0))
     with pytest.raises(ValueError, match="relaxation"):
@@ -657,7 +656,7 @@ def test_certify_without_bounds_serves_unsupported_models():
     x, y = _batch("mlp2", qfn, state, 5)
     budget = CERTIFY_BUDGETS["mlp2"]
     with pytest.raises(transform.UnsupportedPrimitiveError, match="sort"):
-        certify.certify(model, x, y, budget, bounds=True, relaxation="interval", row_chunk=32)
+        audit.certify(model, x, y, budget, bounds=True, relaxation="interval", row_chunk=32)
     _check_certify(model, qfn, state, x, y, budget, _all_bits(budget), bounds=False)
 
 
@@ -740,7 +739,7 @@ def test_infeasible_candidates_are_refused(fixed):
     f = fixed
     bad = np.full((1, f["budget"].num_sites), 0, np.int32)  # 0 bits: no choice, wrong sum
     with pytest.raises(ValueError, match="feasible allocations"):
-        certify.certify(f["model"], f["x"], f["y"], f["budget"], candidates=bad)
+        audit.certify(f["model"], f["x"], f["y"], f["budget"], candidates=bad)
 
 
 def _relu_mlp(out):
