@@ -1,13 +1,9 @@
 """``ptq_adversary.models.registry``: the built-in names, parameter counts, user factories."""
 
-import os
-
-import jax
-import numpy as np
 import pytest
 from flax import nnx
 
-from ptq_adversary import artifacts, models
+from ptq_adversary import models
 from tests.models.cases import TINY
 
 
@@ -63,18 +59,3 @@ def test_load_factory_imports_a_user_constructor_and_rejects_bad_paths():
         models.load_factory("no_such_module_xyz:build")
     with pytest.raises(ValueError, match="has no function 'vgg'"):
         models.load_factory("ptq_adversary.models.zoo:vgg")
-
-
-def test_artifact_save_replaces_atomically(tmp_path):
-    spec = artifacts.ModelSpec(name="cnn", num_classes=10, in_channels=1, weight_bits=8,
-                               kwargs={"widths": (4, 4, 4, 4)})  # fmt: skip
-    first = models.split_model(artifacts.build(spec, seed=0))
-    second = models.split_model(artifacts.build(spec, seed=1))
-    directory = str(tmp_path / "model")
-    artifacts.save_model(directory, spec, first[1], first[2])
-    artifacts.save_model(directory, spec, second[1], second[2])
-    # One state directory is left, the one spec.json names, holding the second save.
-    assert len([d for d in os.listdir(directory) if d.startswith("state")]) == 1
-    loaded = artifacts.load_model(directory)
-    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(second[1]), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
