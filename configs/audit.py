@@ -55,7 +55,7 @@ import os
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 
 def _numbers(key: str, text: str, kind: type) -> tuple:

@@ -21,7 +21,7 @@ import os
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.student.model.factory = ""  # "package.module:function": your own nnx.Module instead
     config.student.model.kwargs = ml_collections.ConfigDict()
     config.student.optim.optimizer = "sgd"
+    config.student.optim.momentum = 0.9
     config.student.optim.learning_rate = 0.05
     config.student.optim.num_epochs = 60.0
     config.pairs.optim.batch_size = 128

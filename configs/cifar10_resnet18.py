@@ -22,7 +22,7 @@ epochs (reference expectation, not a measurement of this code).
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

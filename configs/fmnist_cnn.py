@@ -26,7 +26,7 @@ experiments/seeds.py); seeds 0-2: 91.04 ± 0.44 %.
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -57,7 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.optimizer = "adamw"
     config.optim.learning_rate = 2e-3
     config.optim.weight_decay = 5e-4
-    config.optim.momentum = 0.9  # sgd only
     config.optim.warmup_fraction = 0.05
     config.optim.label_smoothing = 0.0
     config.optim.batch_size = 128

@@ -29,7 +29,7 @@ import os
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 
 def _teacher_config(smoke: bool) -> ml_collections.ConfigDict:
@@ -64,9 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.student.optim.optimizer = "adamw"
     config.student.optim.learning_rate = 3e-3
     config.student.optim.weight_decay = 5e-4
-    config.student.optim.momentum = 0.9
     config.student.optim.warmup_fraction = 0.05
-    config.student.optim.label_smoothing = 0.0
     config.student.optim.batch_size = 128
     config.student.optim.num_epochs = 4.0
     config.student.optim.num_steps = ml_collections.config_dict.placeholder(int)
@@ -103,9 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pairs.optim.optimizer = "adamw"
     config.pairs.optim.learning_rate = 1e-3
     config.pairs.optim.weight_decay = 0.0
-    config.pairs.optim.momentum = 0.9
     config.pairs.optim.warmup_fraction = 0.0
-    config.pairs.optim.label_smoothing = 0.0
     config.pairs.optim.batch_size = 64
     config.pairs.optim.num_epochs = 1.0
     config.pairs.optim.num_steps = ml_collections.config_dict.placeholder(int)

@@ -28,7 +28,7 @@ import os
 
 import ml_collections
 
-from ptq_adversary import config_lib
+from ptq_adversary import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

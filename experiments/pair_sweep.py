@@ -22,7 +22,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptq_adversary.trainers import pipeline  # noqa: E402
+from ptq_adversary.training import pipeline  # noqa: E402
 
 # (name, mode, {dotted field: value}) -- explicit, so a results table can cite its row.
 SWEEP: list[tuple[str, str, dict]] = [

@@ -3,7 +3,7 @@ r"""Seeds: the whole pipeline over N seeds, then every headline number as mean Â
   python experiments/seeds.py --workdir=runs/seeds [--num_seeds=3 | --seeds 0 1 2]
       [--aggregate_only]
 
-Runs ``ptq_adversary.trainers.pipeline.run_pipeline`` with ``configs/fmnist_pair.py`` (default
+Runs ``ptq_adversary.training.pipeline.run_pipeline`` with ``configs/fmnist_pair.py`` (default
 args) and ``config.seed = s`` in ``WORKDIR/seed_<s>`` for each seed, one after another. Finished
 stages are skipped, so rerunning (or pointing it at seed directories made by
 ``python -m ptq_adversary.main --config=configs/fmnist_pair.py --config.seed=<s>
@@ -27,8 +27,9 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptq_adversary import config_lib, io, report  # noqa: E402
-from ptq_adversary.trainers import pipeline  # noqa: E402
+from ptq_adversary import config as config_lib  # noqa: E402
+from ptq_adversary import io, report  # noqa: E402
+from ptq_adversary.training import pipeline  # noqa: E402
 
 CONFIG = REPO / "configs" / "fmnist_pair.py"
 CONFIG_ARG = None  # the default pipeline: both pairs, budget 4, all stages

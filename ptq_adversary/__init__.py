@@ -8,11 +8,11 @@ plain ``jax.numpy`` code.
 Modules: ``quant`` (fake quantizers), ``transform`` (dynamic PTQ as a program transformation),
 ``zoo`` (the built-in plain-NNX networks), ``models`` (registry, ``QuantizedModel`` and the
 functional boundary), ``policy`` and ``policy_net`` (budgeted bit-width policies), ``losses``,
-``steps`` (pure step builders), ``trainers`` (training loops), ``evaluation``, ``analysis``,
-``corruptions``, ``audit`` (worst case of any trained model), ``certify`` (its proof:
-bounds and branch and bound over allocations), ``report``, ``data``
-(offline-first datasets), ``artifacts``, ``checkpoint``, ``metrics``, ``config_lib``, ``main``
-(the command line).
+``steps`` (pure step builders), ``training`` (the loop and the trainers), ``evaluation``,
+``analysis``, ``corruptions``, ``audit`` (worst case of any trained model), ``certify`` (its
+proof: bounds and branch and bound over allocations), ``report``, ``data`` (offline-first
+datasets), ``artifacts``, ``checkpoint``, ``metrics``, ``config`` (config args, rules and
+validation), ``cli`` (the command line; ``main`` is its entry point).
 """
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The bad-input catalogue: each bad input is rejected with a non-zero exit and one line.
 
 One parametrized case per bad input (its id is the catalogue's short name). Most run in-process
-through :func:`ptq_adversary.main.execute`, the command line's own error path; a few run the real
+through :func:`ptq_adversary.cli.execute`, the command line's own error path; a few run the real
 command in a subprocess to show the exit status and that stderr carries no traceback. Config
 errors must leave the workdir untouched.
 """
@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ptq_adversary import config_lib, data, main
+from ptq_adversary import cli, data
+from ptq_adversary import config as config_lib
 from ptq_adversary.checkpoint import Checkpointer
+from ptq_adversary.training import supervised
 from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 
@@ -165,8 +167,6 @@ CONFIG_CASES = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 2-step smoke run with checkpoints at steps 1 and 2."""
-    from ptq_adversary.trainers import supervised
-
     workdir = str(tmp_path_factory.mktemp("trained"))
     config = _config(_CNN, **{"optim.num_steps": 2, "ckpt.every_steps": 1,
                               "eval.uniform_bits": (8,)})  # fmt: skip
@@ -298,7 +298,7 @@ def _run_case(case: Bad, tmp_path, request, capsys) -> tuple[str, str]:
     before = _snapshot(workdir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main.execute(config, workdir)
+        cli.execute(config, workdir)
     assert exit_info.value.code == case.status
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
@@ -335,8 +335,6 @@ def test_run_error(case, tmp_path, request, capsys):
         with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
             assert ckpt.latest_step() == good_step
         # The advice works: with a sane learning rate the same workdir resumes and finishes.
-        from ptq_adversary.trainers import supervised
-
         config, _ = _diverging(tmp_path, request)
         with config.unlocked():
             config.optim.learning_rate = 1e-3
@@ -345,7 +343,7 @@ def test_run_error(case, tmp_path, request, capsys):
 
 def test_verbose_shows_the_original_exception(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config\.model\.name"):
-        main.execute(_config(_CNN, **{"model.name": "x"}), str(tmp_path / "run"), verbose=True)
+        cli.execute(_config(_CNN, **{"model.name": "x"}), str(tmp_path / "run"), verbose=True)
 
 
 def test_batch_not_divisible_by_devices_in_process():
@@ -383,8 +381,6 @@ def test_incomplete_checkpoints_are_never_picked_up(tmp_path, request):
 
 def test_damaged_checkpoint_fix_works(tmp_path, request, capsys):
     """Following the message (delete the damaged step) resumes from the step before it."""
-    from ptq_adversary.trainers import supervised
-
     case = next(c for c in RUN_CASES if c.id == "checkpoint-truncated")
     line, workdir = _run_case(case, tmp_path, request, capsys)
     shutil.rmtree(re.search(r"delete (\S+) to resume", line).group(1))

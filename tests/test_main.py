@@ -83,7 +83,8 @@ def test_pipeline_errors_name_the_field_as_the_user_spells_it(tmp_path):
     ],
 )  # fmt: skip
 def test_audit_command_rejects_bad_certify_and_bracket_settings(tmp_path, args, expected):
-    """One line naming the field, nothing written (the other bad values: test_configs.py)."""
+    """One line naming the field, nothing written (the other bad values:
+    tests/config/test_configs.py)."""
     proc = _run(*args, f"--workdir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -135,3 +136,10 @@ def test_audit_command_certify_and_bracket_sweep(tmp_path):
     markdown = (tmp_path / "summary.md").read_text()
     assert "## Certified bracket vs budget" in markdown and "| 3 | 35 |" in markdown
     assert "| 3 | 35 |" in proc.stdout  # the bracket table is printed too
+
+
+def test_helpshort_shows_the_usage_and_every_flag():
+    proc = _run("--helpshort")
+    assert "python -m ptq_adversary.main --config=configs/fmnist_cnn.py" in proc.stdout
+    for flag in ("--config", "--workdir", "--[no]verbose", "--[no]multihost", "--process_id"):
+        assert f"  {flag}:" in proc.stdout, flag

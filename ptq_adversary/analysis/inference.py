@@ -26,7 +26,7 @@ def load_pair(run_dir: str, mode: str) -> tuple[artifacts.LoadedModel, artifacts
     """The selected network and policy of pair ``mode`` in pipeline workdir ``run_dir``.
 
     Reads ``run_dir/<mode>/best/model`` and ``run_dir/<mode>/best/policy`` (written by
-    ``trainers.policy_aware``).
+    ``training.policy_aware``).
     """
     best = os.path.join(run_dir, mode, "best")
     return (

@@ -43,7 +43,7 @@ Submodules:
   (`FASHION_MNIST_FILES`).
 * ``tfds_source``: `TfdsLoader` for tensorflow_datasets, with the network probe
   ``host_reachable`` that makes an offline machine fail fast.
-* ``registry``: `DATASETS`, `IMAGE_SHAPES`, `load_dataset` (train/val/test splits and
+* ``registry``: `DATASETS`, `IMAGE_SHAPES`, `NUM_CLASSES`, `load_dataset` (train/val/test splits and
   statistics) and `prepare`.
 * ``normalization``: `normalize`, `check_finite_images` and `NonFiniteInputError`.
 * ``batching``: step-indexed `train_batch` (with `augment_images`), `eval_batches`,
@@ -79,7 +79,13 @@ from ptq_adversary.data.fashion_mnist import (
 )
 from ptq_adversary.data.idx import IdxFormatError, read_idx
 from ptq_adversary.data.normalization import NonFiniteInputError, check_finite_images, normalize
-from ptq_adversary.data.registry import DATASETS, IMAGE_SHAPES, load_dataset, prepare
+from ptq_adversary.data.registry import (
+    DATASETS,
+    IMAGE_SHAPES,
+    NUM_CLASSES,
+    load_dataset,
+    prepare,
+)
 from ptq_adversary.data.tfds_source import TfdsLoader
 
 __all__ = [
@@ -93,6 +99,7 @@ __all__ = [
     "FASHION_MNIST_ENV_VAR",
     "FASHION_MNIST_FILES",
     "IMAGE_SHAPES",
+    "NUM_CLASSES",
     "IdxFormatError",
     "NonFiniteInputError",
     "RawDataset",

@@ -1,4 +1,4 @@
-"""The dataset registry (`DATASETS`, `IMAGE_SHAPES`), `load_dataset` and `prepare`.
+"""The dataset registry (`DATASETS`, `IMAGE_SHAPES`, `NUM_CLASSES`), `load_dataset` and `prepare`.
 
 `load_dataset` holds a validation split out of a source's official train split and takes the
 normalisation statistics from the whole official train split.
@@ -15,7 +15,7 @@ from ptq_adversary.data.containers import Dataset, RawDataset, Split
 from ptq_adversary.data.fashion_mnist import load_fashion_mnist
 from ptq_adversary.data.tfds_source import TfdsLoader
 
-__all__ = ["DATASETS", "IMAGE_SHAPES", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "IMAGE_SHAPES", "NUM_CLASSES", "load_dataset", "prepare"]
 
 DATASETS: dict[str, Callable[[str | os.PathLike | None], RawDataset]] = {
     "fashion_mnist": load_fashion_mnist,
@@ -37,6 +37,16 @@ IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (32, 32, 3),
     "cifar100": (32, 32, 3),
     "svhn_cropped": (32, 32, 3),
+}
+
+#: Number of classes of each registered dataset, known without loading it (config validation
+#: builds a model for the data's real classes and channels).
+NUM_CLASSES: dict[str, int] = {
+    "fashion_mnist": 10,
+    "mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn_cropped": 10,
 }
 
 

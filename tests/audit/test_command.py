@@ -1,10 +1,10 @@
-"""The audit command (configs/audit.py through ptq_adversary.trainers.audit): its config is
+"""The audit command (configs/audit.py through ptq_adversary.training.audit): its config is
 validated, it runs on a pipeline source and on a user factory model."""
 
 import pytest
 
-from ptq_adversary import config_lib
-from ptq_adversary.trainers import audit as audit_trainer
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import audit as audit_trainer
 from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 

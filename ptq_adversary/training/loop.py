@@ -5,7 +5,7 @@ and hands them to :meth:`Run.fit` with a ``batch_fn(step) -> tuple of numpy arra
 the batch is a pure function of the step, and the partial logging window is stored in each
 checkpoint, a run that is killed (even with SIGKILL) and restarted with the same command ends
 bit-identical to an uninterrupted one on the same devices (metrics log included; tested in
-tests/test_resume.py).
+tests/training/test_resume.py).
 
 Devices and hosts: the batch axis is sharded over a ``data`` mesh axis spanning every device of
 every process, the state is replicated. In a multi-process run (``jax.distributed``) each
@@ -43,7 +43,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptq_adversary import config_lib, distributed, io, metrics
+from ptq_adversary import config as config_lib
+from ptq_adversary import distributed, io, metrics
 from ptq_adversary.checkpoint import Checkpointer
 
 __all__ = ["Run", "Preempted", "prepare_workdir"]

@@ -29,12 +29,38 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ptq_adversary import artifacts, config_lib, data, distributed, evaluation, io, steps
-from ptq_adversary.trainers import loop, supervised
+from ptq_adversary import artifacts, data, distributed, evaluation, io, steps
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import checks, distill, loop, toolkit
 
-__all__ = ["train_and_evaluate", "policy_spec"]
+__all__ = ["RULES", "train_and_evaluate", "policy_spec"]
 
 log = logging.getLogger(__name__)
+
+_R = config_lib.Rule
+#: The fields a policy-aware config must get right (then :data:`checks.NETWORK_CHECKS` and
+#: :func:`checks.check_pair_budget`).
+RULES = (
+    *config_lib.common_rules(),
+    *config_lib.model_rules(),
+    *config_lib.optim_rules(),
+    _R("mode", config_lib.one_of(steps.MODES)),
+    _R("student_dir", config_lib.non_empty_str),
+    _R("data.augment", config_lib.must_be_false(distill.AUGMENT_REASON)),
+    _R("quant.choices", config_lib.bit_choices),
+    _R("quant.budget", config_lib.positive(float)),
+    _R("policy.widths", config_lib.positive_ints),
+    _R("policy.learning_rate", config_lib.positive(float)),
+    _R("pair.num_samples", config_lib.at_least(2, "leave-one-out baseline")),
+    _R("pair.quant_batch", config_lib.positive(int), optional=True),
+    _R("pair.temperature", config_lib.positive(float)),
+    _R("pair.quant_weight", config_lib.non_negative),
+    _R("pair.margin", config_lib.non_negative),
+    _R("pair.reward", config_lib.one_of(steps.REWARDS)),
+    _R("pair.entropy_coef", config_lib.non_negative),
+    _R("pair.fp_tolerance", config_lib.fraction),
+    _R("pair.num_random_eval", config_lib.positive(int)),
+)
 
 
 def policy_spec(config: ml_collections.ConfigDict, model: artifacts.LoadedModel,
@@ -72,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     student_dir = os.path.abspath(config.student_dir)
     student_results = io.read_json(os.path.join(student_dir, "results.json"))
     with loop.Run(config, workdir) as run:
-        dataset = supervised.load_data(config)
+        dataset = toolkit.load_data(config)
         student = artifacts.load_model(os.path.join(student_dir, "model"))
         teacher_logits = np.load(os.path.join(student_dir, "teacher_logits.npy"))
         if teacher_logits.shape[0] != len(dataset.train):
@@ -86,8 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             artifacts.build_policy(pspec, config.seed), nnx.Param, ...))  # fmt: skip
 
         optim = config.optim
-        total_steps = supervised.num_train_steps(optim, len(dataset.train))
-        optimizer = supervised.make_optimizer(optim, total_steps)
+        total_steps = toolkit.num_train_steps(optim, len(dataset.train))
+        optimizer = toolkit.make_optimizer(optim, total_steps)
         policy_optimizer = _policy_optimizer(config)
         state = run.restore_or_init(
             steps.create_pair_state(
@@ -150,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, train_step,
             lambda step: _batch(dataset, teacher_logits, step, optim.batch_size, config.seed),
             total_steps=total_steps, desc=f"stage B: {config.mode} pair",
-            eval_fn=select, learning_rate=supervised.make_schedule(optim, total_steps),
+            eval_fn=select, learning_rate=toolkit.make_schedule(optim, total_steps),
         )  # fmt: skip
         run.write(total_steps, select(state, total_steps), split="val")
 
@@ -202,3 +228,8 @@ def _batch(dataset: data.Dataset, teacher_logits: np.ndarray, step: int, batch_s
 
 def _read_best(best_dir: str) -> dict[str, Any] | None:
     return io.read_json(os.path.join(best_dir, "info.json"), None)
+
+
+config_lib.register(
+    "policy_aware", RULES, checks=(*checks.NETWORK_CHECKS, checks.check_pair_budget)
+)

@@ -4,16 +4,18 @@ Each stage runs in its own sub-directory of the workdir with its own trainer, so
 also be run alone (``config.stage``), and a stage whose ``results.json`` exists is skipped while
 an interrupted one resumes from its checkpoints::
 
-    DIR/teacher/      supervised training on labels (trainers.supervised)
-    DIR/student/      distillation from the teacher's cached logits (trainers.distill)
-    DIR/robust/       policy-aware training, robust mode (trainers.policy_aware)
+    DIR/teacher/      supervised training on labels (training.supervised)
+    DIR/student/      distillation from the teacher's cached logits (training.distill)
+    DIR/robust/       policy-aware training, robust mode (training.policy_aware)
     DIR/detrimental/  policy-aware training, detrimental mode
     DIR/results.json  stage C: both pairs side by side (schema in README.md)
     DIR/results.md    the same as a markdown table
     DIR/timing.json   wall time of each stage, summed over resumed invocations
 
 Stage configs are derived from the pipeline config (see configs/fmnist_pair.py): the shared
-sections (``seed``, ``data``, ``eval``, ``log``, ``ckpt``) plus the stage's own section.
+sections (``seed``, ``data``, ``eval``, ``log``, ``ckpt``) plus the stage's own section. A
+pipeline config is valid when its own fields are and every stage config is by its trainer's
+rules; an error names the field as the pipeline config spells it (:func:`pipeline_field`).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from ptq_adversary import config_lib, evaluation, io
-from ptq_adversary.trainers import distill, loop, policy_aware, supervised
+from ptq_adversary import config as config_lib
+from ptq_adversary import evaluation, io, steps
+from ptq_adversary.training import distill, loop, policy_aware, supervised
 
-__all__ = ["run_pipeline", "stage_configs", "pipeline_field", "STAGES"]
+__all__ = ["RULES", "STAGES", "check_stages", "pipeline_field", "run_pipeline", "stage_configs"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,33 @@ def pipeline_field(stage: str, field: str) -> str:
 
 def _modes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(config.modes)
+
+
+def _check_modes(v: Any) -> str | None:
+    if not isinstance(v, list | tuple) or not v or any(m not in steps.MODES for m in v):
+        return f"must be a non-empty list of {list(steps.MODES)}, got {v!r}"
+    return None
+
+
+#: The pipeline config's own fields (the stages' are checked by :func:`check_stages`).
+RULES = (
+    config_lib.Rule("stage", config_lib.one_of(("all", *STAGES))),
+    config_lib.Rule("modes", _check_modes),
+)
+
+
+def check_stages(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Validates every stage config by its trainer's rules; a ConfigError names the field as
+    the pipeline config spells it, with the stage."""
+    for stage, stage_config in stage_configs(config, "workdir").items():
+        try:
+            config_lib.validate(stage_config, num_devices=num_devices)
+        except config_lib.ConfigError as err:
+            if err.field is None:
+                raise
+            raise config_lib.ConfigError(
+                pipeline_field(stage, err.field), f"{err.message} (stage {stage})"
+            ) from None
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -193,3 +223,6 @@ def _stage_c(config: ml_collections.ConfigDict, workdir: str,
     io.write_text_atomic(os.path.join(workdir, "results.md"), f"{header}\n\n{table}\n")
     print(f"\n{header}\n\n{table}\n", flush=True)
     return results
+
+
+config_lib.register("pipeline", RULES, checks=(check_stages,))

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from ptq_adversary import config_lib, data, steps
+from ptq_adversary import artifacts, data, models, steps
+from ptq_adversary import config as config_lib
 from ptq_adversary.checkpoint import Checkpointer
-from ptq_adversary.trainers import supervised
+from ptq_adversary.training import supervised, toolkit
 from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 pytestmark = [pytest.mark.integration, requires_fashion_mnist]
@@ -28,11 +29,9 @@ def _final_state(workdir, config):
         config.data.name, val_size=config.data.val_size, train_limit=config.data.train_limit,
         test_limit=config.data.test_limit,
     )  # fmt: skip
-    from ptq_adversary import models
-
-    graphdef, params, rest = models.split_model(supervised.build_model(config, dataset))
+    graphdef, params, rest = models.split_model(toolkit.build_model(config, dataset))
     total = data.steps_per_epoch(len(dataset.train), config.optim.batch_size) * 2
-    opt = supervised.make_optimizer(config.optim, total)
+    opt = toolkit.make_optimizer(config.optim, total)
     target = steps.create_train_state(params, rest, opt, config.seed)
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         state, meta = ckpt.restore(target)
@@ -125,8 +124,6 @@ def test_workdir_of_another_model_is_rejected(uninterrupted):
 
 
 def test_model_artifact_reproduces_the_final_evaluation(uninterrupted):
-    from ptq_adversary import artifacts, models
-
     workdir, results = uninterrupted
     loaded = artifacts.load_model(os.path.join(workdir, "model"))
     assert loaded.spec.name == "teacher_cnn" and loaded.num_sites == results["num_sites"]

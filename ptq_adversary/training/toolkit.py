@@ -1,13 +1,16 @@
-"""Supervised training on labels (used for the stage-A teacher): ``train_and_evaluate``.
+"""The trainers' toolkit: data, model, optimizer, evaluation and one network-training skeleton.
 
-The step functions come from :mod:`ptq_adversary.steps`, the loop (resume, logging,
-checkpoints, preemption) from :mod:`ptq_adversary.trainers.loop`. Besides the loop's files the
-run writes ``DIR/results.json``, the final evaluation (schema in README.md), atomically, and
-``DIR/model/``, the trained model as an artifact (:mod:`ptq_adversary.artifacts`).
+What the trainers share: :func:`load_data`, :func:`model_spec` / :func:`build_model`,
+:func:`num_train_steps`, :func:`make_schedule` / :func:`make_optimizer`, :func:`evaluate`
+(full-precision and uniform-bit accuracy over a split) and :func:`train_network`, the one
+skeleton of the supervised and distill trainers: they pass it only what differs, their step
+function and their batches. The loop under it (resume, logging, checkpoints, preemption) is
+:mod:`ptq_adversary.training.loop`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -21,26 +24,42 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ptq_adversary import artifacts, config_lib, data, distributed, io, models, steps
-from ptq_adversary.trainers import loop
+from ptq_adversary import artifacts, data, distributed, models, steps
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import loop
 
 __all__ = [
-    "train_and_evaluate",
+    "BatchFn",
+    "TrainedNetwork",
+    "build_model",
+    "evaluate",
+    "load_data",
     "make_optimizer",
     "make_schedule",
-    "num_train_steps",
-    "evaluate",
-    "build_model",
     "model_spec",
-    "load_data",
-    "finish",
-    "summary",
+    "num_train_steps",
+    "train_network",
 ]
 
 log = logging.getLogger(__name__)
 
+#: ``step -> tuple of host arrays`` with a leading batch axis: a pure function of the step.
+BatchFn = Callable[[int], tuple[np.ndarray, ...]]
+
 
 # ------------------------------------------------------------------------------------ pieces
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The dataset of ``config.data``."""
+    return data.load_dataset(
+        config.data.name,
+        data_dir=config.data.data_dir,
+        val_size=config.data.val_size,
+        split_seed=config.data.split_seed,
+        train_limit=config.data.train_limit,
+        test_limit=config.data.test_limit,
+    )
+
+
 def num_train_steps(optim: ml_collections.ConfigDict, num_examples: int) -> int:
     """``optim.num_steps`` if set, else ``optim.num_epochs`` epochs of full batches."""
     epoch = data.steps_per_epoch(num_examples, optim.batch_size)
@@ -65,6 +84,7 @@ def make_optimizer(
     """The optax optimizer of ``config.optim`` with :func:`make_schedule`'s learning rate.
 
     Weight decay is decoupled and skips 1-D parameters (biases, BatchNorm scales and offsets).
+    ``optim.momentum`` (Nesterov) is read by ``sgd`` only.
     """
     schedule = make_schedule(optim, total_steps)
 
@@ -139,22 +159,57 @@ def evaluate(
     return result
 
 
-# ------------------------------------------------------------------------------------ trainer
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config.model`` on ``config.data`` with labels, evaluates, writes results.json.
+# ------------------------------------------------------------------------------------ skeleton
+@dataclasses.dataclass(frozen=True)
+class TrainedNetwork:
+    """What :func:`train_network` returns.
 
-    Resumes from the latest checkpoint in ``workdir`` if there is one.
+    Attributes:
+      workdir: the absolute run directory.
+      dataset: the data the network was trained and evaluated on.
+      summary: the results.json entries every network-training trainer reports (trainer,
+        model, dataset, parameter and site counts, steps, resumed step, training time).
+      val, test: the final :func:`evaluate` of each split.
+    """
+
+    workdir: str
+    dataset: data.Dataset
+    summary: dict[str, Any]
+    val: dict[str, float]
+    test: dict[str, float]
+
+
+def train_network(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    trainer: str,
+    desc: str,
+    make_step: Callable[[nnx.GraphDef, optax.GradientTransformation], Callable[..., Any]],
+    make_batches: Callable[[loop.Run, data.Dataset], BatchFn],
+) -> TrainedNetwork:
+    """Trains ``config.model`` on ``config.data`` with ``make_step``'s step; evaluates it.
+
+    Resumes from the latest checkpoint in ``workdir`` if there is one; evaluates on the
+    validation split every ``config.eval.every_steps`` and on both splits at the end (logged
+    to the metrics), and writes the model artifact to ``workdir/model/``.
 
     Args:
-      config: a supervised config (see ``configs/fmnist_cnn.py``); validated here.
+      config: a validated network-training config (``model``, ``optim``, ``eval``, ...).
       workdir: the run directory (created if missing).
+      trainer: the trainer's name, for the summary.
+      desc: progress-bar label.
+      make_step: ``(graphdef, optimizer) -> train_step(state, *batch) -> (state, metrics)``
+        over a ``steps.TrainState``; jitted here, the state donated.
+      make_batches: ``(run, dataset) -> batch_fn``, called once the dataset is loaded (so it
+        may compute and cache what its batches need in ``run.workdir``).
 
     Returns:
-      The results dict also written to ``workdir/results.json``.
+      The run's :class:`TrainedNetwork`.
     """
-    config_lib.validate(config, num_devices=jax.device_count())
     with loop.Run(config, workdir) as run:
         dataset = load_data(config)
+        batch_fn = make_batches(run, dataset)
         optim = config.optim
         total_steps = num_train_steps(optim, len(dataset.train))
 
@@ -162,12 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         graphdef, params, rest = models.split_model(model)
         optimizer = make_optimizer(optim, total_steps)
         state = run.restore_or_init(steps.create_train_state(params, rest, optimizer, config.seed))
-        train_step = jax.jit(
-            steps.make_supervised_train_step(
-                graphdef, optimizer, label_smoothing=optim.label_smoothing
-            ),
-            donate_argnums=0,
-        )
+        train_step = jax.jit(make_step(graphdef, optimizer), donate_argnums=0)
         eval_step = jax.jit(steps.make_eval_step(graphdef))
 
         def run_eval(state: steps.TrainState, split: data.Split) -> dict[str, float]:
@@ -177,14 +227,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 uniform_bits=tuple(config.eval.uniform_bits), data_sharding=run.data_sharding,
             )  # fmt: skip
 
-        def batch_fn(step: int) -> tuple[np.ndarray, np.ndarray]:
-            batch = data.train_batch(
-                dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
-                augment=config.data.augment, dataset_stats=dataset, flip=config.data.flip,
-                shard=distributed.process_shard(),
-            )  # fmt: skip
-            return batch.images, batch.labels
-
         log.info(
             "%s on %s: %d params, %d sites, %d steps (%d per epoch), start at %d",
             config.model.name, config.data.name, models.count_params(params),
@@ -192,36 +234,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             data.steps_per_epoch(len(dataset.train), optim.batch_size), run.start_step,
         )  # fmt: skip
         state = run.fit(
-            state, train_step, batch_fn, total_steps=total_steps,
-            desc=f"train {config.model.name}",
+            state, train_step, batch_fn, total_steps=total_steps, desc=desc,
             eval_fn=lambda state, step: run_eval(state, dataset.val),
             learning_rate=make_schedule(optim, total_steps),
         )  # fmt: skip
-        val, test = finish(run, state, run_eval, dataset, model_spec(config, dataset), total_steps)
+        val = run_eval(state, dataset.val)
+        test = run_eval(state, dataset.test)
+        run.write(total_steps, val, split="val")
+        run.write(total_steps, test, split="test")
+        artifacts.save_model(
+            os.path.join(run.workdir, "model"), model_spec(config, dataset), state.params,
+            state.rest,
+        )  # fmt: skip
 
-    results = {
-        **summary("supervised", config, model, state, run, total_steps),
-        "devices": [str(d) for d in jax.devices()],
-        "val": val,
-        "test": test,
-        "num_examples": {"train": len(dataset.train), "val": len(dataset.val),
-                         "test": len(dataset.test)},
-    }  # fmt: skip
-    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
-    log.info("test accuracy %.4f (FP); results in %s", test["accuracy"], run.workdir)
-    return results
-
-
-def summary(
-    trainer: str,
-    config: ml_collections.ConfigDict,
-    model: nnx.Module,
-    state: steps.TrainState,
-    run: loop.Run,
-    total_steps: int,
-) -> dict[str, Any]:
-    """The results.json entries every network-training stage reports."""
-    return {
+    summary = {
         "trainer": trainer,
         "model": config.model.name,
         "dataset": config.data.name,
@@ -233,32 +259,4 @@ def summary(
         "resumed_from_step": run.start_step,
         "train_time_s": round(run.train_time_s, 2),
     }
-
-
-def finish(
-    run: loop.Run,
-    state: steps.TrainState,
-    run_eval: Callable[[steps.TrainState, data.Split], dict[str, float]],
-    dataset: data.Dataset,
-    spec: artifacts.ModelSpec,
-    total_steps: int,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Final validation and test evaluation, logged, and the model written as an artifact."""
-    val = run_eval(state, dataset.val)
-    test = run_eval(state, dataset.test)
-    run.write(total_steps, val, split="val")
-    run.write(total_steps, test, split="test")
-    artifacts.save_model(os.path.join(run.workdir, "model"), spec, state.params, state.rest)
-    return val, test
-
-
-def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
-    """The dataset of ``config.data``."""
-    return data.load_dataset(
-        config.data.name,
-        data_dir=config.data.data_dir,
-        val_size=config.data.val_size,
-        split_seed=config.data.split_seed,
-        train_limit=config.data.train_limit,
-        test_limit=config.data.test_limit,
-    )
+    return TrainedNetwork(run.workdir, dataset, summary, val, test)

@@ -4,9 +4,10 @@ The teacher is used only through its logits: any callable ``images [B,H,W,C] -> 
 (by default the model artifact at ``config.teacher.model_dir``). Its logits on the training
 split are computed once and cached in the workdir, per example index, so the student's training
 never calls the teacher again and the teacher is never checkpointed by this run: ``teacher.json``
-records where its logits came from.
+records where its logits came from. The skeleton of the run is the supervised trainer's
+(:func:`ptq_adversary.training.toolkit.train_network`) with the distillation step.
 
-Writes, besides the loop's files (:mod:`ptq_adversary.trainers.loop`)::
+Writes, besides the loop's files (:mod:`ptq_adversary.training.loop`)::
 
     DIR/teacher_logits.npy  float32 [N_train, C], row i = teacher logits of train example i
     DIR/teacher.json        the teacher's source and its accuracy on the splits
@@ -26,14 +27,38 @@ import jax
 import ml_collections
 import numpy as np
 
-from ptq_adversary import artifacts, config_lib, data, distributed, io, models, steps
-from ptq_adversary.trainers import loop, supervised
+from ptq_adversary import artifacts, data, distributed, io, models, steps
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import checks, loop, toolkit
 
-__all__ = ["train_and_evaluate", "teacher_from_artifact", "predict_logits"]
+__all__ = [
+    "AUGMENT_REASON",
+    "RULES",
+    "TeacherFn",
+    "predict_logits",
+    "teacher_from_artifact",
+    "train_and_evaluate",
+]
 
 log = logging.getLogger(__name__)
 
+#: A black-box teacher: float32 images ``[B, H, W, C]`` -> logits ``[B, C]``.
 TeacherFn = Callable[[np.ndarray], np.ndarray]
+
+#: Why stages A and B train without augmentation (their batches index cached teacher logits).
+AUGMENT_REASON = "teacher logits are cached on un-augmented images"
+
+#: The fields a distill config must get right (then :data:`checks.NETWORK_CHECKS`).
+RULES = (
+    *config_lib.common_rules(),
+    *config_lib.model_rules(),
+    *config_lib.optim_rules(),
+    config_lib.Rule("eval.uniform_bits", config_lib.bit_list),
+    config_lib.Rule("kd.temperature", config_lib.positive(float)),
+    config_lib.Rule("kd.label_weight", config_lib.non_negative),
+    config_lib.Rule("teacher.model_dir", config_lib.non_empty_str),
+    config_lib.Rule("data.augment", config_lib.must_be_false(AUGMENT_REASON)),
+)
 
 
 def teacher_from_artifact(model_dir: str) -> TeacherFn:
@@ -59,6 +84,9 @@ def predict_logits(fn: TeacherFn, split: data.Split, dataset: data.Dataset, *,
 
 def _cached_teacher_logits(workdir: str, fn: TeacherFn, source: str, dataset: data.Dataset,
                            batch_size: int) -> np.ndarray:  # fmt: skip
+    """The teacher's logits on the train split, float32 ``[N_train, C]``: read from
+    ``workdir/teacher_logits.npy`` if it holds this data slice's, else computed and written
+    there (atomically) with ``teacher.json`` (``source`` and the teacher's accuracies)."""
     path = os.path.join(workdir, "teacher_logits.npy")
     if os.path.exists(path):
         cached = np.load(path, allow_pickle=False)
@@ -98,38 +126,17 @@ def train_and_evaluate(
     """
     config_lib.validate(config, num_devices=jax.device_count())
     source = "callable" if teacher_fn is not None else os.path.abspath(config.teacher.model_dir)
-    with loop.Run(config, workdir) as run:
-        dataset = supervised.load_data(config)
-        if teacher_fn is None:
-            teacher_fn = teacher_from_artifact(config.teacher.model_dir)
+    optim = config.optim
+
+    def make_batches(run: loop.Run, dataset: data.Dataset) -> toolkit.BatchFn:
+        teacher = teacher_fn if teacher_fn is not None else (
+            teacher_from_artifact(config.teacher.model_dir))  # fmt: skip
+        # Black box: only the teacher's cached outputs are used from here on.
         teacher_logits = _cached_teacher_logits(
-            run.workdir, teacher_fn, source, dataset, config.eval.batch_size
+            run.workdir, teacher, source, dataset, config.eval.batch_size
         )
-        del teacher_fn  # black box: only its cached outputs are used from here on
 
-        optim = config.optim
-        total_steps = supervised.num_train_steps(optim, len(dataset.train))
-        model = supervised.build_model(config, dataset)
-        graphdef, params, rest = models.split_model(model)
-        optimizer = supervised.make_optimizer(optim, total_steps)
-        state = run.restore_or_init(steps.create_train_state(params, rest, optimizer, config.seed))
-        train_step = jax.jit(
-            steps.make_distill_train_step(
-                graphdef, optimizer, temperature=config.kd.temperature,
-                label_weight=config.kd.label_weight,
-            ),
-            donate_argnums=0,
-        )  # fmt: skip
-        eval_step = jax.jit(steps.make_eval_step(graphdef))
-
-        def run_eval(state: steps.TrainState, split: data.Split) -> dict[str, float]:
-            return supervised.evaluate(
-                eval_step, state.params, state.rest, split, dataset,
-                batch_size=config.eval.batch_size, num_sites=model.num_sites,
-                uniform_bits=tuple(config.eval.uniform_bits), data_sharding=run.data_sharding,
-            )  # fmt: skip
-
-        def batch_fn(step: int) -> tuple[np.ndarray, ...]:
+        def batch_fn(step: int):
             # No augmentation: the cached teacher logits belong to the un-augmented images.
             batch = data.train_batch(
                 dataset.train, step, batch_size=optim.batch_size, seed=config.seed,
@@ -137,27 +144,25 @@ def train_and_evaluate(
             )  # fmt: skip
             return batch.images, batch.labels, teacher_logits[batch.indices]
 
-        state = run.fit(
-            state, train_step, batch_fn, total_steps=total_steps,
-            desc=f"stage A: distil into {config.model.name}",
-            eval_fn=lambda state, step: run_eval(state, dataset.val),
-            learning_rate=supervised.make_schedule(optim, total_steps),
-        )  # fmt: skip
-        val, test = supervised.finish(
-            run, state, run_eval, dataset, supervised.model_spec(config, dataset), total_steps
-        )
+        return batch_fn
 
-    with open(os.path.join(run.workdir, "teacher.json"), encoding="utf-8") as f:
+    trained = toolkit.train_network(
+        config, workdir, trainer="distill", desc=f"stage A: distil into {config.model.name}",
+        make_step=lambda graphdef, optimizer: steps.make_distill_train_step(
+            graphdef, optimizer, temperature=config.kd.temperature,
+            label_weight=config.kd.label_weight),
+        make_batches=make_batches,
+    )  # fmt: skip
+    with open(os.path.join(trained.workdir, "teacher.json"), encoding="utf-8") as f:
         teacher_info = json.load(f)
-    results = {
-        **supervised.summary("distill", config, model, state, run, total_steps),
-        "teacher": teacher_info,
-        "val": val,
-        "test": test,
-    }
-    io.write_json_atomic(os.path.join(run.workdir, "results.json"), results)
+    results = {**trained.summary, "teacher": teacher_info, "val": trained.val,
+               "test": trained.test}  # fmt: skip
+    io.write_json_atomic(os.path.join(trained.workdir, "results.json"), results)
     log.info(
         "student test accuracy %.4f (teacher %.4f)",
-        test["accuracy"], teacher_info["accuracy"]["test"],
+        trained.test["accuracy"], teacher_info["accuracy"]["test"],
     )  # fmt: skip
     return results
+
+
+config_lib.register("distill", RULES, checks=checks.NETWORK_CHECKS)

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ptq_adversary import artifacts, config_lib, data, evaluation, models, policy, steps
-from ptq_adversary.trainers import pipeline
+from ptq_adversary import artifacts, data, evaluation, models, policy, steps
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import pipeline, supervised
 from tests.helpers import REPO, load_config, requires_fashion_mnist
 
 
@@ -179,7 +182,6 @@ def test_smoke_pipeline_end_to_end(smoke_pipeline):
 @pytest.mark.integration
 def test_pipeline_skips_finished_stages(smoke_pipeline, monkeypatch):
     workdir, results = smoke_pipeline
-    from ptq_adversary.trainers import supervised
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
@@ -221,7 +223,7 @@ def test_interrupted_stage_b_resumes_to_the_same_pair(smoke_pipeline, tmp_path, 
 _MULTI_DEVICE_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-from tests import test_pipeline as t
+from tests.training import test_pipeline as t
 from ptq_adversary import artifacts, data, evaluation
 assert jax.device_count() == 4
 model, (g, p, r), pspec, (pg, pp, pr) = t.tiny_pair()
@@ -247,9 +249,6 @@ print("ok")
 
 def test_stage_c_with_batches_sharded_over_four_devices():
     """Artifacts restored on one device evaluate against batches sharded over a mesh."""
-    import subprocess
-    import sys
-
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, cwd=REPO,

@@ -43,16 +43,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ptq_adversary import artifacts, audit, config_lib, data, io, plotting, policy
-from ptq_adversary.trainers import loop, supervised
+from ptq_adversary import artifacts, audit, data, io, plotting
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import checks, loop, supervised, toolkit
 
 __all__ = [
     "BOUNDS",
+    "RULES",
     "SOURCES",
     "bracket_methods",
     "bracket_row",
     "run_audit",
-    "rules",
     "write_brackets",
 ]
 
@@ -67,52 +68,50 @@ BOUNDS = {"auto": "auto", "on": True, "off": False}
 BRACKET_SEARCHES = ("uniform", "random", "greedy", "beam")
 
 
-def rules() -> list[Any]:
-    """Validation rules of an audit config (used by :func:`config_lib.validate`)."""
-    R = config_lib._Rule
+def _methods(v: Any) -> str | None:
+    if not isinstance(v, list | tuple) or not v or any(m not in audit.METHODS for m in v):
+        return f"must be a non-empty list of {list(audit.METHODS)}, got {v!r}"
+    return None
 
-    def methods(v: Any) -> str | None:
-        if not isinstance(v, list | tuple) or not v or any(m not in audit.METHODS for m in v):
-            return f"must be a non-empty list of {list(audit.METHODS)}, got {v!r}"
-        return None
 
-    def boolean(v: Any) -> str | None:
-        return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
+def _budgets(v: Any) -> str | None:
+    if not isinstance(v, list | tuple) or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0 < b < math.inf for b in v
+    ):
+        return f"must be a list of mean budgets (numbers > 0), got {v!r}"
+    if len(set(v)) != len(v):
+        return f"must not repeat a budget, got {list(v)!r}"
+    return None
 
-    def budgets(v: Any) -> str | None:
-        if not isinstance(v, list | tuple) or not all(
-            isinstance(b, int | float) and not isinstance(b, bool) and 0 < b < math.inf for b in v
-        ):
-            return f"must be a list of mean budgets (numbers > 0), got {v!r}"
-        if len(set(v)) != len(v):
-            return f"must not repeat a budget, got {list(v)!r}"
-        return None
 
-    pos_int, pos_float = config_lib._positive(int), config_lib._positive(float)
-    return [
-        *config_lib._common_rules(),
-        R("source.kind", config_lib._one_of(SOURCES)),
-        R("audit.choices", config_lib._choices),
-        R("audit.budget", pos_float),
-        R("audit.methods", methods),
-        R("audit.num_examples", pos_int, optional=True),
-        R("audit.max_allocations", pos_int),
-        R("audit.beam_width", pos_int),
-        R("audit.num_moves", pos_int),
-        R("audit.num_iters", pos_int),
-        R("audit.low_starts", boolean),
-        R("audit.num_random", pos_int, optional=True),
-        R("audit.example_chunk", pos_int),
-        R("audit.policy.steps", pos_int),
-        R("audit.policy.batch_size", pos_int),
-        R("audit.policy.learning_rate", pos_float),
-        R("audit.policy.widths", config_lib._widths),
-        R("audit.policy.train_examples", pos_int, optional=True),
-        R("audit.certify.node_limit", pos_int, optional=True),
-        R("audit.certify.time_limit", pos_float, optional=True),
-        R("audit.certify.bounds", config_lib._one_of(BOUNDS)),
-        R("audit.bracket_budgets", budgets),
-    ]
+_R = config_lib.Rule
+_POS_INT, _POS_FLOAT = config_lib.positive(int), config_lib.positive(float)
+#: The fields an audit config must get right (then :data:`checks.NETWORK_CHECKS`; the source
+#: and the budgets' feasibility are checked by :func:`run_audit`, which may load the model).
+RULES = (
+    *config_lib.common_rules(),
+    _R("source.kind", config_lib.one_of(SOURCES)),
+    _R("audit.choices", config_lib.bit_choices),
+    _R("audit.budget", _POS_FLOAT),
+    _R("audit.methods", _methods),
+    _R("audit.num_examples", _POS_INT, optional=True),
+    _R("audit.max_allocations", _POS_INT),
+    _R("audit.beam_width", _POS_INT),
+    _R("audit.num_moves", _POS_INT),
+    _R("audit.num_iters", _POS_INT),
+    _R("audit.low_starts", config_lib.boolean),
+    _R("audit.num_random", _POS_INT, optional=True),
+    _R("audit.example_chunk", _POS_INT),
+    _R("audit.policy.steps", _POS_INT),
+    _R("audit.policy.batch_size", _POS_INT),
+    _R("audit.policy.learning_rate", _POS_FLOAT),
+    _R("audit.policy.widths", config_lib.positive_ints),
+    _R("audit.policy.train_examples", _POS_INT, optional=True),
+    _R("audit.certify.node_limit", _POS_INT, optional=True),
+    _R("audit.certify.time_limit", _POS_FLOAT, optional=True),
+    _R("audit.certify.bounds", config_lib.one_of(BOUNDS)),
+    _R("audit.bracket_budgets", _budgets),
+)
 
 
 def _check_source(config: ml_collections.ConfigDict) -> None:
@@ -131,18 +130,13 @@ def _check_source(config: ml_collections.ConfigDict) -> None:
 
 def _check_budget(config: ml_collections.ConfigDict) -> None:
     """The budget and every bracket budget must be feasible for the audited model's sites
-    (ConfigError otherwise)."""
-    if config.source.kind == "fresh":  # sites do not depend on classes or channels
-        num_sites = config_lib.abstract_num_sites(config)
-    else:
+    (ConfigError otherwise): a fresh model's from shapes, a trained one's from its artifact."""
+    num_sites = None  # fresh: checks.abstract_num_sites
+    if config.source.kind != "fresh":
         num_sites = artifacts.load_model(_model_dir(config)).num_sites
-    checks = [("audit.budget", config.audit.budget)]
-    checks += [("audit.bracket_budgets", b) for b in config.audit.bracket_budgets]
-    for field, budget in checks:
-        try:
-            policy.Budget(tuple(config.audit.choices), num_sites, float(budget))
-        except policy.InfeasibleBudgetError as err:
-            raise config_lib.ConfigError(field, str(err)) from None
+    budgets = [("audit.budget", config.audit.budget)]
+    budgets += [("audit.bracket_budgets", b) for b in config.audit.bracket_budgets]
+    checks.check_budgets(config, config.audit.choices, budgets, num_sites=num_sites)
 
 
 def _model_dir(config: ml_collections.ConfigDict) -> str:
@@ -173,7 +167,7 @@ def run_audit(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     _check_source(config)
     _check_budget(config)
     workdir = loop.prepare_workdir(config, workdir)
-    dataset = supervised.load_data(config)
+    dataset = toolkit.load_data(config)
     model_dir = _fresh_model(config, workdir) if config.source.kind == "fresh" else (
         _model_dir(config))  # fmt: skip
     loaded = artifacts.load_model(model_dir)
@@ -350,3 +344,6 @@ def _bracket_figure(rows: list[dict[str, Any]], searches: list[str], path: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+config_lib.register("audit", RULES, checks=checks.NETWORK_CHECKS)

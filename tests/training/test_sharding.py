@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ptq_adversary import artifacts, config_lib
+from ptq_adversary import artifacts, data
+from ptq_adversary import config as config_lib
+from ptq_adversary.training import pipeline, policy_aware
 from tests.helpers import CONFIG_FILES, REPO, load_config, requires_cpu, requires_fashion_mnist
 
 #: Largest |difference| allowed between 1- and 4-device runs: in the weights of the selected
@@ -60,8 +62,6 @@ def test_every_smoke_config_validates_unchanged_on_1_2_4_8_devices(path):
 # ------------------------------------------------------------------ per-host data shards
 def test_host_shards_are_the_rows_of_the_global_batch():
     """What each host reads in a multi-host run is exactly its block of the global batch."""
-    from ptq_adversary import data
-
     rng = np.random.default_rng(0)
     split = data.Split(rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8),
                        (np.arange(50) % 10).astype(np.int32))  # fmt: skip
@@ -99,8 +99,6 @@ def student_dir(tmp_path_factory) -> str:
 
 def run_stage_b(student_dir: str, workdir: str) -> dict:
     """The smoke config's detrimental stage B from ``student_dir``, on this process's devices."""
-    from ptq_adversary.trainers import pipeline, policy_aware
-
     config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke")
     config.log.tensorboard = False
     config.log.progress = False
@@ -113,7 +111,7 @@ def run_stage_b(student_dir: str, workdir: str) -> dict:
 
 _STAGE_B = """
 import json, sys
-from tests import test_sharding
+from tests.training import test_sharding
 print(json.dumps(test_sharding.run_stage_b(*sys.argv[1:3])))
 """
 
@@ -171,7 +169,7 @@ def test_stage_b_and_evaluation_same_on_1_and_4_devices(student_dir, tmp_path):
 _PIPELINE = """
 import json, os, sys
 from tests.helpers import REPO, load_config
-from ptq_adversary import main
+from ptq_adversary import cli
 import jax
 
 config = load_config(REPO / "configs" / "fmnist_pair.py", "smoke,mode=detrimental")
@@ -183,7 +181,7 @@ config.eval.uniform_bits = (8,)
 config.log.tensorboard = False
 config.log.progress = False
 config.lock()
-results = main.execute(config, sys.argv[1])
+results = cli.execute(config, sys.argv[1])
 print(json.dumps({"devices": jax.device_count(), "pairs": sorted(results["pairs"])}))
 """
 
@@ -243,7 +241,7 @@ def _wait_or_name_the_hang(procs: list[subprocess.Popen], errs: list, timeout: f
     except subprocess.TimeoutExpired:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGUSR1)  # main.run registers a faulthandler dump
+                p.send_signal(signal.SIGUSR1)  # cli.run registers a faulthandler dump
         time.sleep(5)
         for p in procs:
             p.kill()
@@ -267,7 +265,7 @@ def test_hung_phase_is_named_from_a_stack_dump():
         "Current thread 0x02 (most recent call first):\n"
         '  File "/x/threading.py", line 1119 in join\n'
         f'  File "{os.sep}r{os.sep}ptq_adversary{os.sep}artifacts.py", line 151 in _save\n'
-        f'  File "{os.sep}r{os.sep}ptq_adversary{os.sep}trainers{os.sep}x.py", line 9 in f\n'
+        f'  File "{os.sep}r{os.sep}ptq_adversary{os.sep}training{os.sep}x.py", line 9 in f\n'
     )
     assert _hung_phase(dump) == (
         "artifacts.py:151 in _save (last log: I1201 14:00:00.000000 1 pipeline.py:142] "

@@ -1,0 +1,1 @@
+"""Tests of ptq_adversary.config and of the config files."""

@@ -1,0 +1,1 @@
+"""Tests of ptq_adversary.training: the loop, the checks and the trainers."""
