@@ -13,7 +13,8 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # pytest-xdist workers: the suite is compile-bound (XLA compiles on one thread), so two workers
-# on two cores take ~8 min instead of ~15 (`make test PYTEST_WORKERS=0` runs it in-process).
+# on two cores take about half the time of one; worksteal evens out the long end-to-end tests
+# (`make test PYTEST_WORKERS=0` runs it in-process).
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup run test lint format clean-venv
@@ -38,7 +39,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 test: setup lint
-	TQDM_DISABLE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	TQDM_DISABLE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

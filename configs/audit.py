@@ -47,8 +47,8 @@ the configured methods other than ``policy`` and ``exhaustive``, plus ``certify`
 budget, if listed and the main audit ran certify, reuses the main audit), and the workdir gets
 ``brackets.json``, ``brackets.csv`` and ``bracket_vs_budget.png``: per budget the certified and
 found accuracy, the bracket's width, whether it is exact, certify's nodes and seconds, and each
-search's accuracy; summary.md gets the table. Measured results: README.md, "Auditing a model"
-and "Certifying".
+search's accuracy; summary.md gets the table. Measured results: docs/AUDIT.md ("Measured: the
+default pipeline's networks" and "Measured: certified brackets").
 """
 
 import os

@@ -1,6 +1,6 @@
 r"""The paper's setting: CIFAR-10, ResNet-18 student, WRN-16-4 teacher -- for a GPU.
 
-Command (CIFAR-10 must be loadable by tfds: online, or prepared offline, see README "Data")::
+Command (CIFAR-10 must be loadable by tfds: online, or prepared offline: docs/CONFIGS.md)::
 
   python -m ptq_adversary.main --config=configs/cifar10_pair.py --workdir=runs/cifar10_pair
 

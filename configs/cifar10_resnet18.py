@@ -1,7 +1,7 @@
 r"""Supervised CIFAR-10 training with the paper's architecture (ResNet-18), for a GPU.
 
 Command (needs CIFAR-10 prepared by tfds: online, or offline from a prepared data_dir, see
-README "Data")::
+docs/CONFIGS.md, "Data")::
 
   python -m ptq_adversary.main --config=configs/cifar10_resnet18.py --workdir=runs/c10_r18
   python -m ptq_adversary.main --config=configs/cifar10_resnet18.py:model=wrn16_4 \

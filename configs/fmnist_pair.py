@@ -22,7 +22,7 @@ GPU, jax 0.10.2, commit bd4e346, other jobs on the same cores), test set:
   robust pair:      FP 88.90 %, DPTQ 88.87 %, drop 0.03 pts (uniform 0.02, random 7.22);
   detrimental pair: FP 88.66 %, DPTQ 10.21 %, drop 78.45 pts (uniform 2.89, random 23.92);
   max FP gap 0.41 pts; wall time 15.7 min (teacher 474 s, student 174 s, pairs 145 + 148 s).
-Over seeds 0-2: robust drop 0.19 ± 0.68, detrimental drop 78.32 ± 1.36 points (README.md).
+Over seeds 0-2: robust drop 0.19 ± 0.68, detrimental drop 78.32 ± 1.36 points (docs/RESULTS.md).
 """
 
 import os

@@ -106,7 +106,7 @@ CALIBRATION = 256
 RANDOM_ALLOCATIONS = 3
 #: ``max |old - new| <= REL_TOL * max(1, max |old|)`` (per case), and agreement 100%.
 REL_TOL = 1e-4
-#: Fashion-MNIST train mean / std (tests/test_data.py checks them).
+#: Fashion-MNIST train mean / std (tests/data/test_fashion_mnist.py checks them).
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
 #: (registry name, in_channels, image size, architecture kwargs): the registry at full size.

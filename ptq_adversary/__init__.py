@@ -5,14 +5,26 @@ compile serves every allocation. The quantization sites are derived from a model
 a transformation (``transform.quantize``), so any JAX model enters: flax.linen, flax.nnx or
 plain ``jax.numpy`` code.
 
-Modules: ``quant`` (fake quantizers), ``transform`` (dynamic PTQ as a program transformation),
-``zoo`` (the built-in plain-NNX networks), ``models`` (registry, ``QuantizedModel`` and the
-functional boundary), ``policy`` and ``policy_net`` (budgeted bit-width policies), ``losses``,
-``steps`` (pure step builders), ``training`` (the loop and the trainers), ``evaluation``,
-``analysis``, ``corruptions``, ``audit`` (worst case of any trained model), ``certify`` (its
-proof: bounds and branch and bound over allocations), ``report``, ``data`` (offline-first
-datasets), ``artifacts``, ``checkpoint``, ``metrics``, ``config`` (config args, rules and
-validation), ``cli`` (the command line; ``main`` is its entry point).
+The map, from the bottom of the import graph up: each entry imports only entries before it
+(``tests/test_layout.py`` checks the graph; ``docs/DESIGN.md`` lists the submodules).
+
+* ``quant``: the fake and integer quantizers, bit-widths as traced arrays.
+* ``io`` (atomic writes, JSON reads), ``backend`` (every per-backend tuning table),
+  ``plotting`` (matplotlib on demand).
+* ``transform/``: dynamic PTQ as a program transformation, and sound bounds on its programs.
+* ``models/``: the registry, ``QuantizedModel``, the functional boundary, the zoo.
+* ``policy/``: budgets, the masked allocation distribution, the policy network.
+* ``losses``, ``steps/`` (pure step builders), ``data/`` (offline-first datasets and batching),
+  ``distributed`` (multi-process rows and agreement), ``corruptions`` (image corruptions).
+* ``metrics``, ``checkpoint``, ``artifacts``, ``evaluation`` (stage C of the method).
+* ``audit/``: the worst case of any trained model (searches, enumeration, certify, reports).
+* ``analysis/`` and ``report/``: where and why a pair fails, as tables and plots.
+* ``config/``: config arguments, public rule primitives, the trainers' rule registry.
+* ``training/``: the loop, the shared toolkit and the trainers (each registers its rules).
+* ``cli`` (the command line), with ``main`` its entry point: ``python -m ptq_adversary.main``.
+
+Public entry points that stay put: ``quant.fake_quant_activation``, ``transform.quantize``,
+``models.create_model``, ``audit.audit``.
 """
 
 __version__ = "0.1.0"

@@ -77,9 +77,9 @@ def _huge_scale_factor(scale: jax.Array) -> jax.Array:
     """``2^-64`` where ``scale > 2^64``, else 1: multiply both ``x`` and ``scale`` by it.
 
     Above ~8.5e37 (float32) the reciprocal ``1 / scale`` is subnormal, which XLA flushes to
-    zero, quantizing everything to 0 (found by tests/test_fuzz.py; XLA also turns a division by
-    the broadcast scale into that reciprocal). Scaling by a power of two is exact, so ordinary
-    scales (factor 1) give bit-identical results and huge ones a normal reciprocal.
+    zero, quantizing everything to 0 (found by tests/test_quant_fuzz.py; XLA also turns a
+    division by the broadcast scale into that reciprocal). Scaling by a power of two is exact,
+    so ordinary scales (factor 1) give bit-identical results and huge ones a normal reciprocal.
     """
     return jnp.where(scale > 2.0**64, jnp.asarray(2.0**-64, scale.dtype), 1.0).astype(scale.dtype)
 

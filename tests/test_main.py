@@ -1,7 +1,5 @@
 """The command line: bad input exits non-zero with one line naming the field, writing nothing."""
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -90,52 +88,6 @@ def test_audit_command_rejects_bad_certify_and_bracket_settings(tmp_path, args, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
     assert not (tmp_path / "run").exists()
-
-
-@requires_fashion_mnist
-@pytest.mark.integration
-def test_audit_command_certify_and_bracket_sweep(tmp_path):
-    """The audit CLI with certify and a bracket sweep over two new budgets and the main one
-    (reused): files agree, and every bracket is ordered (proved <= found <= each search)."""
-    proc = _run("--config=configs/audit.py:smoke,budgets=5/3/4", f"--workdir={tmp_path}",
-                "--config.audit.methods=('uniform','greedy','certify')",
-                "--config.audit.num_examples=32", timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    cert = results["methods"]["certify"]
-    assert 0 <= cert["certified_accuracy"] <= cert["accuracy"]
-    assert cert["accuracy"] <= min(results["methods"][m]["accuracy"] for m in ("uniform", "greedy"))
-    assert sum(cert["states"].values()) == 32 and cert["nodes"] > 0
-
-    brackets = json.loads((tmp_path / "brackets.json").read_text())
-    assert brackets["methods"] == ["uniform", "greedy", "certify"]
-    rows = brackets["rows"]
-    assert [r["budget"] for r in rows] == [3.0, 4.0, 5.0] and results["brackets"] == rows
-    for r in rows:
-        assert set(r["searches"]) == {"uniform", "greedy"}
-        assert 0 <= r["certified_accuracy"] <= r["accuracy"] <= min(r["searches"].values())
-        assert r["width_points"] == pytest.approx(
-            100 * (r["accuracy"] - r["certified_accuracy"]), abs=1e-3
-        )
-        assert r["exact"] == (r["unknown"] == 0) == (r["width_points"] == 0)
-        assert r["fp_accuracy"] == results["fp_accuracy"] and r["nodes"] > 0
-    assert [r["num_allocations"] for r in rows] == [35, 109, 117]  # 4 sites, {2,...,8}
-    main = rows[1]  # the main audit's, reused
-    assert main["certified_accuracy"] == cert["certified_accuracy"]
-    assert main["nodes"] == cert["nodes"]
-
-    with open(tmp_path / "brackets.csv", newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [float(t["budget"]) for t in table] == [3.0, 4.0, 5.0]
-    for t, r in zip(table, rows, strict=True):
-        for key in ("certified_accuracy", "accuracy", "width_points"):
-            assert float(t[key]) == pytest.approx(r[key], abs=1e-6), key
-        assert float(t["greedy_accuracy"]) == pytest.approx(r["searches"]["greedy"], abs=1e-6)
-        assert int(t["exact"]) == r["exact"]
-    assert (tmp_path / "bracket_vs_budget.png").stat().st_size > 0
-    markdown = (tmp_path / "summary.md").read_text()
-    assert "## Certified bracket vs budget" in markdown and "| 3 | 35 |" in markdown
-    assert "| 3 | 35 |" in proc.stdout  # the bracket table is printed too
 
 
 def test_helpshort_shows_the_usage_and_every_flag():

@@ -8,7 +8,7 @@ an interrupted one resumes from its checkpoints::
     DIR/student/      distillation from the teacher's cached logits (training.distill)
     DIR/robust/       policy-aware training, robust mode (training.policy_aware)
     DIR/detrimental/  policy-aware training, detrimental mode
-    DIR/results.json  stage C: both pairs side by side (schema in README.md)
+    DIR/results.json  stage C: both pairs side by side (schema in docs/OUTPUTS.md)
     DIR/results.md    the same as a markdown table
     DIR/timing.json   wall time of each stage, summed over resumed invocations
 

@@ -4,7 +4,7 @@ The skeleton (data, model, optimizer, evaluation, the model artifact) is
 :func:`ptq_adversary.training.toolkit.train_network`; this trainer gives it the
 label step (:func:`steps.make_supervised_train_step`) and augmented batches. Besides the loop's
 files (:mod:`ptq_adversary.training.loop`) the run writes ``DIR/results.json``, the final
-evaluation (schema in README.md), atomically, and ``DIR/model/``, the trained model as an
+evaluation (schema in docs/OUTPUTS.md), atomically, and ``DIR/model/``, the trained model as an
 artifact (:mod:`ptq_adversary.artifacts`).
 """
 

@@ -58,7 +58,7 @@ def save_tiny_pair(pair_dir: str, seed: int) -> None:
 
 
 def fake_results(seed: int) -> dict:
-    """A pipeline ``results.json`` with the README schema and seed-dependent numbers."""
+    """A pipeline ``results.json`` with the schema of docs/OUTPUTS.md and seed-dependent numbers."""
     pair = lambda fp, q: {
         "fp_accuracy": fp, "dptq_accuracy": q, "drop": 100 * (fp - q),
         "uniform_drop": 1.0 + seed, "random_drop": 5.0 + seed, "flip_rate": fp - q + 0.01,

@@ -34,7 +34,7 @@ from ptq_adversary.training import pipeline, policy_aware
 from tests.helpers import CONFIG_FILES, REPO, load_config, requires_cpu, requires_fashion_mnist
 
 #: Largest |difference| allowed between 1- and 4-device runs: in the weights of the selected
-#: pair and in every logged metric (relative to max(1, |value|)). Measured: see the README.
+#: pair and in every logged metric (relative to max(1, |value|)). Measured: docs/SCALE.md.
 TOLERANCE = 1e-5
 
 
