@@ -38,10 +38,9 @@ BATCH = 500
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "policy_graphdef", "budget"))
 def _three_ways(params, rest, pol_params, pol_rest, images, *, graphdef, policy_graphdef, budget):
-    from flax import nnx  # noqa: PLC0415
-
-    policy_logits = nnx.merge(policy_graphdef, pol_params, pol_rest)(images)
-    own = policy.to_bits(jax.vmap(lambda lg: policy.greedy(lg, budget))(policy_logits), budget)
+    idx = policy.greedy_allocation(policy_graphdef, pol_params, pol_rest, images=images,
+                                   budget=budget)  # fmt: skip
+    own = policy.to_bits(idx, budget)
     uniform = jnp.broadcast_to(policy.to_bits(policy.uniform_allocation(budget), budget), own.shape)
     fp = models.apply_model(graphdef, params, rest, images)[0]
     out = {"fp": fp}
