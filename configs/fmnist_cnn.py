@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.train_limit = ml_collections.config_dict.placeholder(int)
     config.data.test_limit = ml_collections.config_dict.placeholder(int)
     # Crop/flip augmentation cost ~1 point at this short schedule (90.4 % after 6 epochs with
-    # it, runs/fmnist_pair first attempt); without it 5 epochs suffice.
+    # it, in the first pipeline run, which had it on); without it 5 epochs suffice.
     config.data.augment = False
     config.data.flip = True
 
