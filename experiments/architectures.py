@@ -42,18 +42,13 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ptq_adversary import report  # noqa: E402
+from ptq_adversary import io, report  # noqa: E402
 
 PAIRS = ("robust", "detrimental")
 NETWORKS = ("student", *PAIRS)
 SEARCHES = ("random_search", "greedy", "beam")
 #: Two-sided 95 % Student-t quantiles by degrees of freedom.
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78}
-
-
-def _read(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -101,7 +96,7 @@ def _sens_cell(assessment: dict[str, Any], mode: str) -> dict[str, Any]:
 
 def collect(name: str, pipelines: str, audits: str) -> dict[str, Any]:
     runs = report.find_runs(pipelines)
-    results = {run: _read(os.path.join(d, "results.json")) for run, d in runs.items()}
+    results = {run: io.read_json(os.path.join(d, "results.json")) for run, d in runs.items()}
     first = next(iter(runs))
     row: dict[str, Any] = {"arch": name, "runs": list(runs), "student_model":
                            results[first]["student_model"]}  # fmt: skip
@@ -115,9 +110,9 @@ def collect(name: str, pipelines: str, audits: str) -> dict[str, Any]:
     row["audit"] = {}
     for net in NETWORKS:
         path = os.path.join(audits, net, "audit.json")
-        row["audit"][net] = _audit_cell(_read(path)) if os.path.exists(path) else None
+        row["audit"][net] = _audit_cell(io.read_json(path)) if os.path.exists(path) else None
     path = os.path.join(pipelines, "report", first, "assessment.json")
-    assessment = _read(path) if os.path.exists(path) else None
+    assessment = io.read_json(path) if os.path.exists(path) else None
     row["sensitivity"] = {
         mode: _sens_cell(assessment, mode) if assessment else None for mode in PAIRS
     }

@@ -56,17 +56,14 @@ def evaluate(run_dir: str, mode: str, dataset) -> dict:
     images = data.normalize(dataset.test.images, dataset.mean, dataset.std)
     labels = dataset.test.labels
     parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(images), BATCH):
-        x = images[start : start + BATCH]
-        pad = BATCH - len(x)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    for start, stop, pad in data.padded_batches(len(images), BATCH):
+        x = data.pad_rows(images[start:stop], pad)
         out = _three_ways(
             model.params, model.rest, pol.params, pol.rest, jnp.asarray(x),
             graphdef=model.graphdef, policy_graphdef=pol.graphdef, budget=pol.spec.budget_spec,
         )  # fmt: skip
         for k, v in out.items():
-            parts.setdefault(k, []).append(np.asarray(v)[: BATCH - pad])
+            parts.setdefault(k, []).append(np.asarray(v)[: stop - start])
     logits = {k: np.concatenate(v) for k, v in parts.items()}
     acc = {k: float((v.argmax(-1) == labels).mean()) for k, v in logits.items()}
     row = {"mode": mode, "num_examples": int(len(labels)), "accuracy": acc}

@@ -17,7 +17,6 @@ Writes, besides the loop's files (:mod:`ptq_adversary.training.loop`)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -153,8 +152,7 @@ def train_and_evaluate(
             label_weight=config.kd.label_weight),
         make_batches=make_batches,
     )  # fmt: skip
-    with open(os.path.join(trained.workdir, "teacher.json"), encoding="utf-8") as f:
-        teacher_info = json.load(f)
+    teacher_info = io.read_json(os.path.join(trained.workdir, "teacher.json"))
     results = {**trained.summary, "teacher": teacher_info, "val": trained.val,
                "test": trained.test}  # fmt: skip
     io.write_json_atomic(os.path.join(trained.workdir, "results.json"), results)
